@@ -25,6 +25,9 @@ class EncoderConfig:
     patch_size: int = 14
     num_register_tokens: int = 0  # DINOv2 only
     layerscale_value: float = 1.0  # DINOv2 only
+    # Image size the position-embedding table was trained at (DINOv2: 518); None = vision.image_size.
+    # Other sizes are interpolated at run time, so real checkpoints load unchanged.
+    native_image_size: int | None = None
     # Optional local weights: a transformers folder (config.json + weights) or a .safetensors file.
     pretrained_path: str | None = None
 
@@ -33,7 +36,7 @@ class EncoderConfig:
 class VisionConfig:
     image_size: int = 224
     dinov2: EncoderConfig = field(
-        default_factory=lambda: EncoderConfig(1024, 24, 16, 4096, 14, num_register_tokens=4, layerscale_value=1e-5)
+        default_factory=lambda: EncoderConfig(1024, 24, 16, 4096, 14, num_register_tokens=4, layerscale_value=1e-5, native_image_size=518)
     )
     siglip: EncoderConfig = field(default_factory=lambda: EncoderConfig(1152, 27, 16, 4304, 14))
     # Which camera the VLM reads (a LeRobot key suffix: observation.images.<camera>).

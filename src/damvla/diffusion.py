@@ -1,0 +1,69 @@
+"""Thin layer over diffusers' schedulers (METHOD.md §2): training noise, DDIM sampling, guidance.
+
+Training: DDPM with ``train_steps`` steps and a cosine (``squaredcos_cap_v2``) schedule, ε-prediction.
+Sampling: DDIM with ``inference_steps`` steps, eta 0. A fresh DDIM scheduler is made for every call,
+so changing the step count between calls cannot reuse a stale timestep table (a CogACT bug).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from damvla.config import DiffusionConfig
+
+# eps_fn(x_t (N, H, D), t (N,), uncond (N,) bool) -> predicted noise (N, H, D)
+EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Diffusion:
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        if cfg.prediction_type != "epsilon":
+            raise ValueError(f"diffusion.prediction_type={cfg.prediction_type!r}: only 'epsilon' is implemented")
+        self.cfg = cfg
+        self._kw = dict(
+            num_train_timesteps=cfg.train_steps,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type=cfg.prediction_type,
+            clip_sample=True,  # actions live in [-1, 1]: clip the x0 estimate there
+        )
+        self.train_scheduler = DDPMScheduler(variance_type="fixed_small", **self._kw)
+
+    def add_noise(
+        self, x0: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw t ~ U{0..T-1} and ε ~ N(0, I) per sample; return (x_t, ε, t)."""
+        n = x0.shape[0]
+        t = torch.randint(0, self.cfg.train_steps, (n,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return self.train_scheduler.add_noise(x0, noise, t), noise, t
+
+    def sample(
+        self,
+        eps_fn: EpsFn,
+        noise: torch.Tensor,
+        cfg_scale: float | None = None,
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """DDIM from ``noise`` (B, H, D) to x0, with classifier-free guidance when cfg_scale != 1:
+        ε = ε_uncond + s (ε_cond - ε_uncond), both halves in one batched call."""
+        scale = self.cfg.cfg_scale if cfg_scale is None else cfg_scale
+        sched = DDIMScheduler(**self._kw)
+        sched.set_timesteps(steps or self.cfg.inference_steps, device=noise.device)
+        x = noise
+        b = x.shape[0]
+        guided = scale != 1.0
+        uncond = torch.zeros(2 * b if guided else b, dtype=torch.bool, device=x.device)
+        if guided:
+            uncond[b:] = True
+        for t in sched.timesteps:
+            xin = torch.cat([x, x]) if guided else x
+            tt = t.expand(xin.shape[0]).to(x.device)
+            eps = eps_fn(xin, tt, uncond).to(x.dtype)
+            if guided:
+                e_c, e_u = eps.chunk(2)
+                eps = e_u + scale * (e_c - e_u)
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+        return x

@@ -1,0 +1,305 @@
+"""DAMVLAPolicy: vision + language model + router + DiT action heads, with LeRobot's policy API.
+
+forward(batch) -> (loss, logs)          training (batch keys: docs/CONTRACTS.md)
+predict_action_chunk(batch) -> (B, H, D) un-normalised actions (+ router weight with return_info=True)
+select_action(batch) -> (B, D)          through an action queue; reset() clears it
+save_pretrained(dir) / from_pretrained(dir): config.json + model.safetensors + normalization.json + metadata.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from damvla import __version__
+from damvla.config import PolicyConfig
+from damvla.diffusion import Diffusion
+from damvla.model.action_queue import ActionQueue
+from damvla.model.dit import DiTActionHead
+from damvla.model.language import LanguageBackbone
+from damvla.model.loss import diffusion_losses, dual_scale_weights, router_loss
+from damvla.model.router import Router
+from damvla.model.tokenizer import ByteTokenizer, HFTokenizer
+from damvla.model.vision import DualVisionEncoder, VisionFeatures
+from damvla.model.weights import load_into
+from damvla.normalize import ActionNormalizer
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json", "metadata.json")
+ARM, GRIPPER = 0, 1
+
+
+class DAMVLAPolicy(nn.Module):
+    def __init__(
+        self,
+        config: PolicyConfig,
+        normalizer: ActionNormalizer | None = None,
+        metadata: dict[str, Any] | None = None,
+        load_pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = config.validate()
+        if normalizer is not None and normalizer.dim != config.action_dim:
+            raise ValueError(f"normaliser has {normalizer.dim} action dimensions, config.action_dim={config.action_dim}")
+        self.normalizer = normalizer
+        self.metadata = dict(metadata or {})
+        v, lang, ab = config.vision, config.language, config.ablation
+        self.vision = DualVisionEncoder(v, load_pretrained=load_pretrained)
+        self.language = LanguageBackbone(lang, v.patch_dim, load_pretrained=load_pretrained)
+        d_cls = v.dinov2.hidden_size
+        r = v.dinov2.num_register_tokens
+
+        def head(num_visual: int) -> DiTActionHead:
+            return DiTActionHead(config.dit, config.action_dim, config.horizon, lang.hidden_size, d_cls, num_visual)
+
+        if ab.dam:
+            # Arm head: global class token. Gripper head: local register tokens (METHOD.md §1).
+            self.heads = nn.ModuleDict({"arm": head(1 if ab.vt else 0), "gripper": head(r if ab.vt else 0)})
+            self.router = Router(lang.hidden_size, config.router_hidden)
+        else:
+            # One head (CogACT). With VT on it sees class and register tokens (our choice; paper silent).
+            self.heads = nn.ModuleDict({"action": head(1 + r if ab.vt else 0)})
+            self.router = None
+        self.diffusion = Diffusion(config.diffusion)
+        self._queue = ActionQueue(config.inference, config.horizon, config.gripper_index)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    @property
+    def image_key(self) -> str:
+        return f"observation.images.{self.config.vision.camera}"
+
+    def _images(self, batch: dict[str, Any]) -> torch.Tensor:
+        key, s = self.image_key, self.config.vision.image_size
+        if key not in batch:
+            have = sorted(k for k in batch if k.startswith("observation.images."))
+            raise ValueError(f"batch lacks {key!r} (vision.camera={self.config.vision.camera!r}); image keys present: {have}")
+        x = batch[key]
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{key}: expected a torch tensor (B, 3, {s}, {s}), got {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1:] != (3, s, s):
+            raise ValueError(f"{key}: expected shape (B, 3, {s}, {s}) (channel-first RGB at vision.image_size), got {tuple(x.shape)}")
+        dev = self._device()
+        if x.dtype == torch.uint8:
+            return x.to(dev).float() / 255.0
+        if not x.is_floating_point():
+            raise ValueError(f"{key}: expected uint8 or float in [0, 1], got dtype {x.dtype}")
+        if x.numel() and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+            raise ValueError(f"{key}: float images must be in [0, 1], got range [{x.min():.3f}, {x.max():.3f}]")
+        return x.to(dev).float()
+
+    def _tasks(self, batch: dict[str, Any], b: int) -> list[str]:
+        if "task" not in batch:
+            raise ValueError("batch lacks 'task' (the instruction string per sample)")
+        t = batch["task"]
+        tasks = [t] if isinstance(t, str) else list(t)
+        if len(tasks) != b:
+            raise ValueError(f"task: {len(tasks)} instructions for a batch of {b} images")
+        return tasks
+
+    def _device(self) -> torch.device:
+        return self.vision.dino_mean.device
+
+    # ---- the VLM -------------------------------------------------------------------------------
+    def encode(self, batch: dict[str, Any]) -> tuple[VisionFeatures, torch.Tensor, torch.Tensor]:
+        """Images + instructions -> (vision features, f_cog (B, h), f_rea (B, h))."""
+        images = self._images(batch)
+        feats = self.vision(images)
+        f_cog, f_rea = self.language(feats.patches, self._tasks(batch, images.shape[0]))
+        return feats, f_cog, f_rea
+
+    def _visual_condition(self, name: str, feats: VisionFeatures) -> torch.Tensor | None:
+        if not self.config.ablation.vt:
+            return None
+        if name == "arm":
+            return feats.cls
+        if name == "gripper":
+            return feats.registers
+        return torch.cat([feats.cls, feats.registers], dim=1)
+
+    def _router_logit(self, f_cog: torch.Tensor, f_rea: torch.Tensor) -> torch.Tensor:
+        assert self.router is not None
+        return self.router(f_rea if self.config.ablation.dl else f_cog)
+
+    # ---- training ------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        feats, f_cog, f_rea = self.encode(batch)
+        b, dev = f_cog.shape[0], f_cog.device
+        if "action" not in batch:
+            raise ValueError("batch lacks 'action' (B, H, D) normalised action chunks")
+        actions = batch["action"].to(dev).float()
+        if actions.shape != (b, cfg.horizon, cfg.action_dim):
+            raise ValueError(f"action: expected shape {(b, cfg.horizon, cfg.action_dim)} (B, horizon, action_dim), got {tuple(actions.shape)}")
+        is_pad = batch.get("action_is_pad")
+        is_pad = torch.zeros(b, cfg.horizon, dtype=torch.bool, device=dev) if is_pad is None else is_pad.to(dev).bool()
+        traj = batch.get("trajectory_weight")
+        weights = dual_scale_weights(
+            None if traj is None else traj.to(dev), is_pad, len(self.heads), cfg.ablation, cfg.weighting
+        )
+
+        # Repeated diffusion steps: one VLM forward, R noise/timestep draws per sample.
+        r = cfg.diffusion.repeated_steps
+        x0 = actions.repeat(r, 1, 1)
+        x_t, eps, t = self.diffusion.add_noise(x0)
+        drop = torch.rand(b * r, device=dev) < cfg.diffusion.cond_dropout if self.training else None
+        cond = f_cog.repeat(r, 1)
+        preds = []
+        for name, head in self.heads.items():
+            vis = self._visual_condition(name, feats)
+            preds.append(head(x_t, t, cond, None if vis is None else vis.repeat(r, 1, 1), drop))
+        losses = diffusion_losses(preds, eps, weights.repeat(r, 1, 1), is_pad.repeat(r, 1))
+        loss = sum(losses)
+        logs: dict[str, float] = {}
+        if self.router is not None:
+            logs["loss_arm"], logs["loss_gripper"] = float(losses[0].detach()), float(losses[1].detach())
+            if "router_label" not in batch:
+                raise ValueError("batch lacks 'router_label' (B,), needed to train the router (ablation.dam on)")
+            label = batch["router_label"].to(dev).reshape(b)
+            logit = self._router_logit(f_cog, f_rea)
+            l_router = router_loss(logit, label)
+            loss = loss + cfg.weighting.router_loss_weight * l_router
+            logs["loss_router"] = float(l_router.detach())
+            logs["router_acc"] = float(((logit.detach() >= 0) == (label >= 0.5)).float().mean())
+            logs["router_weight_mean"] = float(torch.sigmoid(logit.detach()).mean())
+        else:
+            logs["loss_action"] = float(losses[0].detach())
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+    # ---- inference ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_action_chunk(
+        self,
+        batch: dict[str, Any],
+        noise: torch.Tensor | None = None,
+        return_info: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Un-normalised action chunks (B, H, D). ``noise`` (B, H, D) fixes the initial DDIM noise.
+        With ``return_info``: also {"router_weight": (B,), "head": (B,) 0 arm / 1 gripper}."""
+        cfg = self.config
+        if self.normalizer is None:
+            raise ValueError(
+                "policy has no action normalisation stats: load a checkpoint, or pass normalizer= "
+                "(ActionNormalizer.identity(D) to predict in normalised units)"
+            )
+        feats, f_cog, _ = encoded = self.encode(batch)
+        b, dev = f_cog.shape[0], f_cog.device
+        shape = (b, cfg.horizon, cfg.action_dim)
+        if noise is None:
+            noise = torch.randn(shape, device=dev, generator=generator)
+        elif noise.shape != shape:
+            raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+        noise = noise.to(dev).float()
+
+        def eps_fn_for(name: str, rows: torch.Tensor) -> Any:
+            head = self.heads[name]
+            vis = self._visual_condition(name, feats)
+            cond = f_cog[rows]
+            vis = None if vis is None else vis[rows]
+
+            def eps_fn(x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+                k = x.shape[0] // cond.shape[0]  # 2 with guidance (cond + uncond halves)
+                return head(x, t, cond.repeat(k, 1), None if vis is None else vis.repeat(k, 1, 1), uncond)
+
+            return eps_fn
+
+        if self.router is None:
+            w = torch.zeros(b, device=dev)
+            chosen = torch.zeros(b, dtype=torch.long, device=dev)
+            x0 = self.diffusion.sample(eps_fn_for("action", torch.arange(b, device=dev)), noise)
+        else:
+            w = torch.sigmoid(self._router_logit(encoded[1], encoded[2]).float())
+            chosen = (w >= 0.5).long()
+            if cfg.inference.routing == "hard":
+                x0 = torch.empty_like(noise)
+                for idx, name in ((ARM, "arm"), (GRIPPER, "gripper")):
+                    rows = torch.nonzero(chosen == idx).flatten()
+                    if rows.numel():  # only the chosen head runs for each sample
+                        x0[rows] = self.diffusion.sample(eps_fn_for(name, rows), noise[rows])
+            else:
+                rows = torch.arange(b, device=dev)
+                arm, grip = eps_fn_for("arm", rows), eps_fn_for("gripper", rows)
+
+                def blended(x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+                    ww = w.repeat(x.shape[0] // b)[:, None, None]
+                    return (1 - ww) * arm(x, t, uncond) + ww * grip(x, t, uncond)
+
+                x0 = self.diffusion.sample(blended, noise)
+        actions = self.normalizer.unnormalize_actions(x0.clamp(-1, 1))
+        if cfg.gripper_index is not None:
+            g = cfg.gripper_index
+            actions[..., g] = (actions[..., g] >= cfg.gripper_threshold).to(actions.dtype)
+        if return_info:
+            return actions, {"router_weight": w, "head": chosen}
+        return actions
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One action per sample (B, D) for the current control step, from the action queue."""
+        if self._queue.needs_chunk():
+            self._queue.push(self.predict_action_chunk(batch))
+        return self._queue.pop()
+
+    def reset(self) -> None:
+        self._queue.reset()
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        parts: dict[str, nn.Module | None] = {
+            "vision.dinov2": self.vision.dinov2, "vision.siglip": self.vision.siglip,
+            "projector": self.language.projector, "llm": self.language.llm, "router": self.router,
+        }
+        for name, head in self.heads.items():
+            parts[f"head.{name}"] = head
+        counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    # ---- save / load -------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the checkpoint folder; the config alone rebuilds the architecture."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.normalizer is None:
+            raise ValueError("cannot save a policy without normalisation stats (normalizer=None)")
+        body = {"type": "damvla", "damvla_version": __version__, **self.config.to_dict()}
+        (out / "config.json").write_text(json.dumps(body, indent=2))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        self.normalizer.save(out / "normalization.json")
+        (out / "metadata.json").write_text(json.dumps(self.metadata, indent=2, default=str))
+        tok = self.language._tokenizer
+        if isinstance(tok, HFTokenizer):
+            tok.save_pretrained(out / "tokenizer")
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DAMVLAPolicy:
+        src = Path(path)
+        if not src.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {src} does not exist")
+        missing = [f for f in CHECKPOINT_FILES if not (src / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {src} lacks {missing} (a damvla checkpoint holds {list(CHECKPOINT_FILES)})")
+        try:
+            body = json.loads((src / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{src / 'config.json'}: not valid JSON ({e})") from e
+        if body.pop("type", None) != "damvla":
+            raise ValueError(f"{src / 'config.json'}: not a damvla policy config (missing type='damvla')")
+        body.pop("damvla_version", None)
+        config = PolicyConfig.from_dict(body)
+        normalizer = ActionNormalizer.load(src / "normalization.json")
+        metadata = json.loads((src / "metadata.json").read_text())
+        policy = cls(config, normalizer, metadata, load_pretrained=False)
+        if (src / "tokenizer").is_dir():
+            policy.language.set_tokenizer(HFTokenizer(src / "tokenizer"))
+        elif config.language.tokenizer == "byte":
+            policy.language.set_tokenizer(ByteTokenizer())
+        load_into(policy, load_file(str(src / "model.safetensors")), f"{src / 'model.safetensors'}")
+        return policy.to(device)
