@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_batch
 
+from conftest import make_batch
 from damvla.config import preset
 from damvla.model.loss import dual_scale_weights
 from damvla.model.policy import DAMVLAPolicy

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from damvla.config import EncoderConfig, VisionConfig
 from damvla.model.weights import load_hf_weights
