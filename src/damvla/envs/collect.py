@@ -1,0 +1,443 @@
+"""``damvla collect metaworld``: scripted-expert demonstrations written as a LeRobot v3.0 dataset.
+
+    damvla collect metaworld --suite pick-place-v3 --episodes 50 --out data/mw-pick-place
+    damvla collect metaworld --suite grip --episodes 100 --release --workers 2 --out data/mw-grip
+
+Per task, seeds ``seed_offset, seed_offset + 1, ...`` of the training pool are tried in order until
+``--episodes`` successes or ``--max-tries`` attempts; only successful episodes are stored. Every frame
+records the upright uint8 image, the proprio state (end-effector xyz + finger opening) and the executed
+7-D action (gripper binarised, 1 = open). The result does not depend on ``--workers``: episodes are
+consumed in submission order, so the same command always keeps the same seeds in the same order.
+
+Resumable: the writer stages episodes in ``OUT.partial`` and this module logs every attempt (initial
+state included) to ``OUT.partial/damvla_attempts.jsonl``; rerunning the same command after an
+interruption skips stored episodes and seeds already tried. At the end the log is copied to
+``OUT/meta/damvla_episodes.jsonl`` (one JSON line per attempt: key, task, seed, success, kept,
+episode_index, steps, initial_state) so evaluation can avoid the training states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ATTEMPTS_FILE = "damvla_attempts.jsonl"  # in the writer's staging folder while collecting
+EPISODES_FILE = "meta/damvla_episodes.jsonl"  # in the finished dataset
+CAMERA_KEY = "observation.images.image"
+
+
+@dataclass(frozen=True)
+class CollectJob:
+    """One rollout: everything a worker needs (picklable, no env objects)."""
+
+    task: str
+    seed: int
+    camera: str
+    resolution: int
+    max_steps: int | None
+    release: bool
+    hold_steps: int
+
+
+# ---- worker side ---------------------------------------------------------------------------------
+_WORKER_ENV: Any = None  # (task, camera, resolution, max_steps) -> MetaWorldEnv, one at a time per worker
+
+
+def _worker_init() -> None:
+    """Process-pool initializer."""
+    # One llvmpipe raster thread per worker: the workers already fill the cores, and Mesa's default
+    # (one thread per core in every process) oversubscribes them.
+    os.environ.setdefault("LP_NUM_THREADS", "1")
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def _close_worker_env() -> None:
+    global _WORKER_ENV
+    if _WORKER_ENV is not None:
+        _WORKER_ENV[1].close()
+        _WORKER_ENV = None
+
+
+def _get_env(job: CollectJob) -> Any:
+    """The worker's env for ``job``, rebuilt only when the task or camera settings change (jobs arrive
+    grouped by task, so this is rare)."""
+    global _WORKER_ENV
+    from damvla.envs.metaworld import MetaWorldEnv
+
+    spec = (job.task, job.camera, job.resolution, job.max_steps)
+    if _WORKER_ENV is None or _WORKER_ENV[0] != spec:
+        _close_worker_env()
+        _WORKER_ENV = (spec, MetaWorldEnv(job.task, job.camera, job.resolution, job.max_steps))
+    return _WORKER_ENV[1]
+
+
+def run_episode(job: CollectJob) -> dict[str, Any]:
+    """Roll out the scripted expert for ``job`` and return the episode.
+
+    Returns a dict with ``task, seed, key, success, success_final, steps, initial_state`` and, when
+    successful, ``frames``: ``{CAMERA_KEY: uint8 (T, H, W, 3), "observation.state": float32 (T, 4),
+    "action": float32 (T, 7)}``; frame t holds the observation before action t.
+    """
+    from damvla.envs.metaworld import MetaWorldExpert, ReleaseAtSuccess
+
+    env = _get_env(job)
+    init = env.sample_initial_state(job.seed)
+    expert: MetaWorldExpert | ReleaseAtSuccess = MetaWorldExpert(job.task)
+    if job.release:
+        expert = ReleaseAtSuccess(expert, job.hold_steps)
+    expert.reset()
+    obs = env.reset(init)
+    images, states, actions = [], [], []
+    info: dict[str, Any] | None = None
+    success, done = False, False
+    while True:
+        a = expert.act(obs, info)
+        images.append(obs["image"])
+        states.append(obs["state"])
+        actions.append(a)
+        obs, _, done, info = env.step(a)
+        success = success or info["success"]
+        # Plain expert: stop at the first success. Release variant: keep going until the hold is over.
+        if (success and not job.release) or expert.done or (done and not success):
+            break
+    out: dict[str, Any] = {
+        "task": job.task,
+        "seed": job.seed,
+        "key": init.key,
+        "success": bool(success),
+        "success_final": bool(info["success"]) if info else False,
+        "steps": len(actions),
+        "initial_state": init.to_dict(),
+        "frames": None,
+    }
+    if success:
+        out["frames"] = {
+            CAMERA_KEY: np.stack(images),
+            "observation.state": np.stack(states).astype(np.float32),
+            "action": np.stack(actions).astype(np.float32),
+        }
+    return out
+
+
+# ---- main side -----------------------------------------------------------------------------------
+def features(resolution: int, state_names: list[str]) -> dict[str, dict[str, Any]]:
+    """LeRobot feature dicts of a Meta-World dataset at ``resolution`` x ``resolution``."""
+    from damvla.envs.base import ACTION_NAMES
+
+    return {
+        CAMERA_KEY: {
+            "dtype": "video",
+            "shape": [resolution, resolution, 3],
+            "names": ["height", "width", "channels"],
+        },
+        "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
+        "action": {"dtype": "float32", "shape": [7], "names": list(ACTION_NAMES)},
+    }
+
+
+def _read_attempts(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A line cut by a crash can only be the last one; that attempt is simply redone.
+                print(f"damvla collect: ignoring unreadable line {i + 1} of {path}", file=sys.stderr)
+    return rows
+
+
+def _append_attempt(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def collect_metaworld(
+    out: str | Path,
+    suite: str,
+    episodes: int,
+    camera: str | None = None,
+    resolution: int | None = None,
+    release: bool = False,
+    workers: int = 2,
+    max_steps: int | None = None,
+    seed_offset: int = 0,
+    max_tries: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Collect ``episodes`` successful expert episodes per task of ``suite`` into the dataset ``out``.
+
+    Returns a summary ``{"out", "tasks": {task: {"kept", "tried"}}, "episodes", "frames", "seconds"}``.
+    Rerunning a finished command is a no-op (the summary then has ``"complete": True``); a finished
+    dataset made with other settings raises ``ValueError`` (unless ``overwrite``).
+    """
+    from tqdm.auto import tqdm
+
+    from damvla.data.lerobot import LeRobotWriter
+    from damvla.envs.base import GRIPPER_INDEX, GRIPPER_OPEN, GRIPPER_THRESHOLD
+    from damvla.envs.metaworld import (
+        DEFAULT_CAMERA,
+        DEFAULT_RESOLUTION,
+        EVAL_SEED_OFFSET,
+        INSTRUCTIONS,
+        RELEASE_HOLD_STEPS,
+        SIMULATOR,
+        MetaWorldEnv,
+        dataset_action_mapping,
+        initial_state_seeds,
+        resolve_suite,
+    )
+
+    t_start = time.perf_counter()
+    camera = camera or DEFAULT_CAMERA
+    resolution = int(resolution or DEFAULT_RESOLUTION)
+    tasks = resolve_suite(suite)
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    max_tries = int(max_tries or 2 * episodes + 10)
+    if max_tries < episodes:
+        raise ValueError(f"--max-tries ({max_tries}) must be >= --episodes ({episodes})")
+    initial_state_seeds("train", max_tries, seed_offset)  # raises if the seeds reach the eval pool
+    out = Path(out)
+    recipe_key = {"tasks": tasks, "episodes_per_task": episodes, "camera": camera, "resolution": resolution,
+                  "release": release, "max_steps": max_steps, "seed_offset": seed_offset}  # fmt: skip
+    if (out / "meta" / "info.json").exists() and not overwrite:
+        old = json.loads((out / "meta" / "info.json").read_text()).get("damvla", {}).get("recipe", {})
+        if all(old.get(k) == v for k, v in recipe_key.items()):
+            # The same command already finished: rerunning it is a no-op, not an error.
+            print(f"damvla collect: {out} is already complete", file=sys.stderr)
+            return {
+                "out": str(out),
+                "tasks": {},
+                "episodes": 0,
+                "frames": 0,
+                "seconds": 0.0,
+                "complete": True,
+            }
+        # ValueError (not FileExistsError) so the CLI reports it as a usage error with exit code 1.
+        raise ValueError(
+            f"{out} is already a finished dataset made with different settings; choose another --out or "
+            f"pass --overwrite"
+        )
+
+    # Fail fast in this process (bad camera name, no EGL) before spawning workers.
+    probe = MetaWorldEnv(tasks[0], camera, resolution, max_steps)
+    fps = round(probe.fps)
+    state_names = list(probe.state_names)
+    probe.close()
+
+    recipe = {
+        "simulator": SIMULATOR,
+        "suite": suite,
+        **recipe_key,
+        "release_hold_steps": RELEASE_HOLD_STEPS if release else 0,
+        "max_tries": max_tries,
+        "seed_pool": f"train seeds [{seed_offset}, {EVAL_SEED_OFFSET}); eval seeds >= {EVAL_SEED_OFFSET}",
+        "expert": "metaworld.policies (gripper binarised)" + (" + release at success" if release else ""),
+        "episodes_file": EPISODES_FILE,
+    }
+    extra = {
+        "damvla": {
+            "gripper_index": GRIPPER_INDEX,
+            "gripper_threshold": GRIPPER_THRESHOLD,
+            "gripper_open": GRIPPER_OPEN,
+            "action_mapping": dataset_action_mapping(tasks),
+            "recipe": recipe,
+        }
+    }
+    writer = LeRobotWriter(
+        out,
+        fps=fps,
+        features=features(resolution, state_names),
+        robot_type="sawyer",
+        image_mode="video",
+        extra_info=extra,
+        overwrite=overwrite,
+    )
+    attempts_path = writer.staging / ATTEMPTS_FILE
+    try:
+        done_keys = writer.completed_episodes()
+        log = _read_attempts(attempts_path)
+        logged = {r["key"] for r in log}
+        kept = dict.fromkeys(tasks, 0)
+        tried = dict.fromkeys(tasks, 0)
+        next_seed = dict.fromkeys(tasks, seed_offset)
+        for r in log:
+            if r["task"] in tried:
+                tried[r["task"]] += 1
+                next_seed[r["task"]] = max(next_seed[r["task"]], int(r["seed"]) + 1)
+        for key, index in done_keys.items():
+            task, seed = key.rsplit("/seed-", 1)
+            if task not in kept:
+                continue
+            kept[task] += 1
+            if key not in logged:  # stored, but the crash came before its log line: log it now
+                tried[task] += 1
+                next_seed[task] = max(next_seed[task], int(seed) + 1)
+                _append_attempt(attempts_path, {"key": key, "task": task, "seed": int(seed), "success": True,
+                                                "kept": True, "episode_index": index, "recovered": True})  # fmt: skip
+
+        def plan(task: str) -> list[CollectJob]:
+            n = min(episodes - kept[task], max_tries - tried[task])
+            seeds = range(next_seed[task], next_seed[task] + max(n, 0))
+            next_seed[task] += max(n, 0)
+            return [
+                CollectJob(task, s, camera, resolution, max_steps, release, RELEASE_HOLD_STEPS) for s in seeds
+            ]
+
+        queue: deque[CollectJob] = deque(j for t in tasks for j in plan(t))
+        outstanding = {t: sum(j.task == t for j in queue) for t in tasks}
+        bar = tqdm(total=episodes * len(tasks), initial=sum(kept.values()), desc="collect", unit="ep",
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
+
+        def handle(res: dict[str, Any]) -> None:
+            task = res["task"]
+            tried[task] += 1
+            outstanding[task] -= 1
+            row = {
+                k: res[k]
+                for k in ("key", "task", "seed", "success", "success_final", "steps", "initial_state")
+            }
+            row["kept"] = False
+            if res["success"] and kept[task] < episodes:
+                index = writer.add_episode(res["frames"], task=INSTRUCTIONS[task], key=res["key"])
+                kept[task] += 1
+                row.update(kept=True, episode_index=index)
+                bar.update(1)
+            _append_attempt(attempts_path, row)
+            bar.set_postfix(tried=sum(tried.values()), refresh=False)
+            if outstanding[task] == 0 and kept[task] < episodes:
+                more = plan(task)  # retry with fresh seeds; appended, so the order stays deterministic
+                queue.extend(more)
+                outstanding[task] += len(more)
+
+        if workers == 1:  # in-process, same code path as a worker
+            try:
+                while queue:
+                    handle(run_episode(queue.popleft()))
+            finally:
+                _close_worker_env()
+        else:
+            # spawn: a fresh interpreter per worker, so no GL context or MuJoCo state is inherited.
+            ctx = mp.get_context("spawn")
+            window = 2 * workers + 2  # rollouts in flight: keeps workers busy, bounds memory
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+                pending: deque[Future[dict[str, Any]]] = deque()
+                while queue or pending:
+                    while queue and len(pending) < window:
+                        pending.append(pool.submit(run_episode, queue.popleft()))
+                    handle(pending.popleft().result())  # in submission order: deterministic output
+        bar.close()
+
+        summary_tasks = {t: {"kept": kept[t], "tried": tried[t]} for t in tasks}
+        for t, s in summary_tasks.items():
+            flag = "" if s["kept"] >= episodes else f"  (short: max tries {max_tries} reached)"
+            print(f"{t:30s} kept {s['kept']:4d} / tried {s['tried']:4d}{flag}", file=sys.stderr)
+        if writer.num_episodes == 0:
+            raise ValueError(f"no successful episode for {tasks}; nothing to write to {out}")
+        # The recipe records which seeds were kept, in episode order (the full initial states are in
+        # EPISODES_FILE); set before finalize so info.json carries it.
+        by_index = sorted((i, k) for k, i in writer.completed_episodes().items())
+        seeds: dict[str, list[int]] = {t: [] for t in tasks}
+        for _, key in by_index:
+            task, seed = key.rsplit("/seed-", 1)
+            seeds.setdefault(task, []).append(int(seed))
+        writer.extra_info["damvla"]["recipe"]["seeds"] = seeds
+        writer.extra_info["damvla"]["recipe"]["tried"] = {t: tried[t] for t in tasks}
+        attempts_text = attempts_path.read_text() if attempts_path.exists() else ""
+        num_frames = writer.num_frames
+        writer.finalize()
+        _write_text_atomic(out / EPISODES_FILE, attempts_text)
+    except BaseException:
+        writer.close()  # keep the staged episodes for a resume
+        raise
+    return {
+        "out": str(out),
+        "tasks": summary_tasks,
+        "episodes": sum(kept.values()),
+        "frames": num_frames,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+def load_episode_records(root: str | Path) -> list[dict[str, Any]]:
+    """The attempt log of a collected dataset (``meta/damvla_episodes.jsonl``): one dict per attempt
+    with ``key, task, seed, success, kept, episode_index, initial_state``."""
+    path = Path(root) / EPISODES_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no attempt log (was {root} made by `damvla collect`?)")
+    return _read_attempts(path)
+
+
+# ---- command line --------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="simulator", metavar="SIMULATOR", required=True)
+    p = sub.add_parser("metaworld", help="Meta-World v3 scripted experts",
+                       description="Collect Meta-World v3 scripted-expert demonstrations (LeRobot v3.0).")  # fmt: skip
+    p.add_argument(
+        "--suite", required=True, help="mt10 | mt50 | grip | comma-separated tasks (pick-place-v3,...)"
+    )
+    p.add_argument("--episodes", type=int, required=True, help="successful episodes to keep per task")
+    p.add_argument("--out", required=True, help="dataset folder to create (staged in OUT.partial until done)")
+    p.add_argument("--camera", default=None, help="Meta-World camera (default corner4; corner, corner2, ...)")
+    p.add_argument("--resolution", type=int, default=None, help="square image size in pixels (default 128)")
+    p.add_argument("--release", action="store_true", help="open the gripper at success and hold (2 flips)")
+    p.add_argument("--workers", type=int, default=2, help="parallel rollout processes (default 2)")
+    p.add_argument("--max-steps", type=int, default=None, help="time limit per episode (default 500)")
+    p.add_argument("--seed-offset", type=int, default=0, help="first training seed (default 0)")
+    p.add_argument("--max-tries", type=int, default=None, help="attempts per task (default 2*episodes+10)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset / staging folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.simulator != "metaworld":
+        raise ValueError(f"unknown simulator {args.simulator!r}; expected 'metaworld'")
+    summary = collect_metaworld(
+        out=args.out,
+        suite=args.suite,
+        episodes=args.episodes,
+        camera=args.camera,
+        resolution=args.resolution,
+        release=args.release,
+        workers=args.workers,
+        max_steps=args.max_steps,
+        seed_offset=args.seed_offset,
+        max_tries=args.max_tries,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if summary.get("complete"):
+        return 0
+    print(
+        f"wrote {summary['episodes']} episodes ({summary['frames']} frames) to {summary['out']} "
+        f"in {summary['seconds']:.1f} s"
+    )
+    return 0
