@@ -8,6 +8,7 @@ so changing the step count between calls cannot reuse a stale timestep table (a 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -16,6 +17,19 @@ from damvla.config import DiffusionConfig
 
 # eps_fn(x_t (N, H, D), t (N,), uncond (N,) bool) -> predicted noise (N, H, D)
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainingDraws:
+    """Pre-drawn training randomness for B samples x R repeated diffusion steps (sample-major).
+
+    Lets a trainer derive each sample's draws from its own seed (e.g. from its position in the data
+    order), so results do not depend on how a global batch is split over devices or micro-batches.
+    """
+
+    noise: torch.Tensor  # (B, R, H, D) float: ε
+    timesteps: torch.Tensor  # (B, R) int64 in [0, train_steps)
+    drop_cond: torch.Tensor  # (B, R) bool: replace the condition by the null condition
 
 
 class Diffusion:
@@ -32,12 +46,18 @@ class Diffusion:
         self.train_scheduler = DDPMScheduler(variance_type="fixed_small", **self._kw)
 
     def add_noise(
-        self, x0: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw t ~ U{0..T-1} and ε ~ N(0, I) per sample; return (x_t, ε, t)."""
+        """Draw t ~ U{0..T-1} and ε ~ N(0, I) per sample (unless given); return (x_t, ε, t)."""
         n = x0.shape[0]
-        t = torch.randint(0, self.cfg.train_steps, (n,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        if t is None:
+            t = torch.randint(0, self.cfg.train_steps, (n,), device=x0.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         return self.train_scheduler.add_noise(x0, noise, t), noise, t
 
     def sample(

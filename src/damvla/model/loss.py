@@ -48,10 +48,17 @@ def dual_scale_weights(
 
 
 def diffusion_losses(
-    eps_pred: list[torch.Tensor], eps: torch.Tensor, weights: torch.Tensor, is_pad: torch.Tensor
+    eps_pred: list[torch.Tensor],
+    eps: torch.Tensor,
+    weights: torch.Tensor,
+    is_pad: torch.Tensor,
+    n_valid: float | torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Weighted ε-MSE per head. eps_pred: K tensors (N, H, D); eps (N, H, D); weights (N, H, K); is_pad (N, H)."""
-    n_valid = (~is_pad.bool()).sum().clamp_min(1)
+    """Weighted ε-MSE per head. eps_pred: K tensors (N, H, D); eps (N, H, D); weights (N, H, K); is_pad (N, H).
+    n_valid: the divisor; default the unpadded elements of this batch (data-parallel training passes the
+    global count divided by the number of micro-batches, so the gradient is the whole global batch's)."""
+    if n_valid is None:
+        n_valid = (~is_pad.bool()).sum().clamp_min(1)
     out = []
     for k, pred in enumerate(eps_pred):
         err = (pred.float() - eps.float()).pow(2).mean(-1)  # (N, H)

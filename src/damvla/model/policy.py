@@ -18,7 +18,7 @@ from torch import nn
 
 from damvla import __version__
 from damvla.config import PolicyConfig
-from damvla.diffusion import Diffusion
+from damvla.diffusion import Diffusion, TrainingDraws
 from damvla.model.action_queue import ActionQueue
 from damvla.model.dit import DiTActionHead
 from damvla.model.language import LanguageBackbone
@@ -125,7 +125,15 @@ class DAMVLAPolicy(nn.Module):
         return self.router(f_rea if self.config.ablation.dl else f_cog)
 
     # ---- training ------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self,
+        batch: dict[str, Any],
+        draws: TrainingDraws | None = None,
+        num_valid: float | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss. ``draws``: pre-drawn noise, timesteps and condition dropout per sample (default:
+        drawn from the global torch RNG). ``num_valid``: divisor of the diffusion losses (default: this
+        batch's unpadded chunk elements x R; see ``loss.diffusion_losses``)."""
         cfg = self.config
         feats, f_cog, f_rea = self.encode(batch)
         b, dev = f_cog.shape[0], f_cog.device
@@ -143,15 +151,27 @@ class DAMVLAPolicy(nn.Module):
 
         # Repeated diffusion steps: one VLM forward, R noise/timestep draws per sample.
         r = cfg.diffusion.repeated_steps
-        x0 = actions.repeat(r, 1, 1)
-        x_t, eps, t = self.diffusion.add_noise(x0)
-        drop = torch.rand(b * r, device=dev) < cfg.diffusion.cond_dropout if self.training else None
+        x0 = actions.repeat(r, 1, 1)  # row k * b + i: repeat k of sample i
+        if draws is None:
+            x_t, eps, t = self.diffusion.add_noise(x0)
+            drop = torch.rand(b * r, device=dev) < cfg.diffusion.cond_dropout if self.training else None
+        else:
+            if draws.noise.shape != (b, r, cfg.horizon, cfg.action_dim) or draws.timesteps.shape != (b, r):
+                raise ValueError(
+                    f"draws: expected noise {(b, r, cfg.horizon, cfg.action_dim)} and timesteps {(b, r)} "
+                    f"(B, diffusion.repeated_steps, ...), got {tuple(draws.noise.shape)} and {tuple(draws.timesteps.shape)}"
+                )
+            # sample-major (B, R, ...) -> the repeat layout (R * B, ...) of x0
+            eps = draws.noise.to(dev, x0.dtype).transpose(0, 1).reshape_as(x0)
+            t = draws.timesteps.to(dev).transpose(0, 1).reshape(-1)
+            x_t, eps, t = self.diffusion.add_noise(x0, noise=eps, t=t)
+            drop = draws.drop_cond.to(dev).transpose(0, 1).reshape(-1) if self.training else None
         cond = f_cog.repeat(r, 1)
         preds = []
         for name, head in self.heads.items():
             vis = self._visual_condition(name, feats)
             preds.append(head(x_t, t, cond, None if vis is None else vis.repeat(r, 1, 1), drop))
-        losses = diffusion_losses(preds, eps, weights.repeat(r, 1, 1), is_pad.repeat(r, 1))
+        losses = diffusion_losses(preds, eps, weights.repeat(r, 1, 1), is_pad.repeat(r, 1), num_valid)
         loss = sum(losses)
         logs: dict[str, float] = {}
         if self.router is not None:

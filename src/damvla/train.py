@@ -1,0 +1,409 @@
+"""`damvla train`: train a DAM-VLA policy on a LeRobot v3.0 dataset.
+
+    damvla train --preset tiny --dataset DATA --out runs/tiny --steps 2000
+    torchrun --nproc_per_node 8 -m damvla.cli train --preset small ... [--parallel fsdp]
+    damvla train --resume runs/tiny --steps 4000        # continue the same run up to 4000 steps in total
+
+A plain loop (nanoGPT style): one optimiser step = ``grad_accum`` micro-batches on every process; the
+global batch is per-device batch x processes x accumulation. What makes it exact and split-invariant
+(see damvla.training.data): the data order depends only on (seed, epoch); each sample's diffusion noise,
+timesteps and condition dropout come from its own seed; the diffusion loss is divided by the global
+count of unpadded chunk elements. So 1 process x batch 4 and 2 processes x batch 2 compute the same
+update, and a resumed run continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from damvla.config import ABLATIONS, PRESETS, apply_overrides, preset
+from damvla.training import checkpoint as ckpt_io
+from damvla.training.config import FREEZE_STAGES, PARALLEL, SCHEDULES, RunConfig, TrainConfig
+from damvla.training.data import SEED_KEY, StepStream, build_dataset, draw_training
+from damvla.training.distributed import (
+    DistContext,
+    grad_sync,
+    init_distributed,
+    is_fsdp,
+    shutdown_distributed,
+    unwrap,
+    wrap_model,
+)
+from damvla.training.logger import BAR_KEYS, MetricLogger, Smoother, plot_losses
+from damvla.training.model import (
+    FREEZE_HELP,
+    add_lora,
+    apply_freeze,
+    export_policy,
+    export_state,
+    parameter_report,
+)
+from damvla.training.optim import EMA, make_optimizer, make_scheduler
+
+# CLI flag -> TrainConfig field. None defaults let us tell "given" from "default" (matters on resume).
+FLAGS = {
+    "steps": "steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "warmup": "warmup",
+    "schedule": "schedule", "ema": "ema", "freeze": "freeze", "lora": "lora", "save_every": "save_every",
+    "keep_last": "keep_last", "num_workers": "num_workers", "seed": "seed", "wandb": "wandb",
+    "parallel": "parallel", "precision": "precision", "log_every": "log_every", "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip", "dataset": "dataset", "out": "out", "preset": "preset", "ablation": "ablation",
+}  # fmt: skip
+# What may change when resuming without breaking "the same run" (steps: the schedule's total moves with it;
+# batch_size / grad_accum / parallel: another process count, as long as the global batch stays the same).
+RESUME_MUTABLE = {"steps", "save_every", "keep_last", "num_workers", "wandb", "log_every", "dataset", "out",
+                  "batch_size", "grad_accum", "parallel"}  # fmt: skip
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: training stops, no checkpoint is written."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"model size (default {d.preset})")
+    p.add_argument("--dataset", default=None, help="LeRobot v3.0 dataset folder")
+    p.add_argument("--out", default=None, help="run folder: checkpoints/, tb/, metrics.jsonl, loss_curves.png")
+    p.add_argument("--steps", type=int, default=None, help=f"TOTAL optimiser steps of the run, also when resuming (default {d.steps})")
+    p.add_argument("--resume", default=None, help="a run folder or checkpoint folder: continue that run exactly")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a named row of the paper's Table VI")
+    p.add_argument("--batch-size", type=int, default=None, help=f"per device and micro-step (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=None, help=f"micro-steps per optimiser step (default {d.grad_accum})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup", type=int, default=None, help=f"linear warm-up steps (default {d.warmup})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help=f"after warm-up (default {d.schedule})")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW, matrices only (default {d.weight_decay})")
+    p.add_argument("--grad-clip", type=float, default=None, help=f"max grad norm, 0 = off (default {d.grad_clip})")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an EMA of the weights; checkpoints then export the EMA weights")  # fmt: skip
+    p.add_argument("--freeze", choices=FREEZE_STAGES, default=None, help=FREEZE_HELP + f" (default {d.freeze})")
+    p.add_argument("--lora", type=int, default=None, metavar="R", help="LoRA rank on the LLM (peft); 0 = off")
+    p.add_argument("--save-every", type=int, default=None, help=f"steps between checkpoints (default {d.save_every})")
+    p.add_argument("--keep-last", type=int, default=None, help=f"checkpoints kept (default {d.keep_last})")
+    p.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers per process (default {d.num_workers})")
+    p.add_argument("--seed", type=int, default=None, help=f"init, data order and diffusion draws (default {d.seed})")
+    p.add_argument("--parallel", choices=PARALLEL, default=None, help="with several processes: ddp (default) or fsdp (FSDP2)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None, help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--log-every", type=int, default=None, help=f"steps between log records (default {d.log_every})")
+    p.add_argument("--wandb", action="store_true", default=None, help="also log to Weights & Biases (if installed)")
+    p.add_argument("overrides", nargs="*", help="dotted policy-config overrides, e.g. dit.depth=4 action_dim=4")
+
+
+# ---- run config ---------------------------------------------------------------------------------
+def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
+    """The run's config from the command line, or from the checkpoint when resuming (then only the
+    RESUME_MUTABLE flags may change). Returns (config, checkpoint to resume from or None)."""
+    given = {f: getattr(args, a) for a, f in FLAGS.items() if getattr(args, a, None) is not None}
+    if args.resume:
+        ckpt = ckpt_io.find_checkpoint(args.resume)
+        run = RunConfig.load(ckpt / ckpt_io.RUN_CONFIG_FILE)
+        if args.overrides:
+            raise ValueError(f"--resume: policy overrides {args.overrides} cannot change a run in progress")
+        t = run.train.to_dict()
+        fixed = {k: v for k, v in given.items() if k not in RESUME_MUTABLE and v != t[k]}
+        if fixed:
+            raise ValueError(
+                f"--resume: {sorted(fixed)} differ from the run being resumed ({ {k: t[k] for k in fixed} }); "
+                f"only {sorted(RESUME_MUTABLE)} may change"
+            )
+        if given.get("steps", t["steps"]) != t["steps"] and t["schedule"] == "cosine":
+            print(f"note: --steps {given['steps']} (was {t['steps']}): the cosine schedule is stretched to the new "
+                  "total from here on, so the run differs from one started with that total")  # fmt: skip
+        t.update(given)
+        if "out" not in given:
+            t["out"] = str(ckpt.parent.parent)
+        return RunConfig(run.policy, TrainConfig.from_dict(t)), ckpt
+    missing = [f"--{k}" for k in ("dataset", "out") if k not in given]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} required (or --resume RUN_DIR)")
+    train = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig) if f.name in given})
+    train.overrides = list(args.overrides)
+    train.validate()
+    policy = apply_overrides(preset(train.preset, train.ablation), train.overrides)
+    out = Path(train.out)
+    if ckpt_io.list_checkpoints(out / "checkpoints"):
+        raise ValueError(f"--out {out} already holds checkpoints: continue it with --resume {out}, or pick a new --out")
+    return RunConfig(policy, train), None
+
+
+# ---- RNG state --------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    s: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, run: RunConfig, resume_from: Path | None, ctx: DistContext) -> None:
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        from damvla.model.policy import DAMVLAPolicy
+        from damvla.model.weights import load_into
+
+        self.run, self.ctx, self.cfg, self.tc = run, ctx, run.policy, run.train
+        tc, cfg = self.tc, self.cfg
+        self.out = Path(tc.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and ctx.device.type == "cuda")
+        self.global_batch = tc.batch_size * ctx.world_size * tc.grad_accum
+
+        self.dataset = build_dataset(tc.dataset, cfg)
+        seed_everything(tc.seed)  # identical initial weights on every rank (FSDP2 does not broadcast them)
+        policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata)
+        apply_freeze(policy, tc.freeze)
+        self.lora_scaling = add_lora(policy, tc.lora, tc.lora_alpha) if tc.lora else None
+        st: dict[str, Any] = {}
+        if resume_from is not None:
+            st = ckpt_io.load_state(resume_from)
+            # Live weights: in training_state when they differ from the exported ones (EMA / LoRA).
+            live = st.pop("model", None) or load_file(str(resume_from / "model.safetensors"))
+            load_into(policy, live, f"{resume_from}")
+        self.policy = policy.to(ctx.device)
+        self.report, self.counts = parameter_report(policy)
+        self.model = wrap_model(self.policy, ctx, tc.parallel, self.bf16)
+        self.opt = make_optimizer(self.model, tc)
+        self.sched = make_scheduler(self.opt, tc)
+        self.ema = EMA(unwrap(self.model), tc.ema) if tc.ema else None  # names without DDP's "module."
+        self.stream = StepStream(
+            self.dataset, tc.batch_size, self.global_batch, ctx.rank, ctx.world_size, tc.seed, tc.num_workers,
+            tc.block_episodes, pin_memory=ctx.device.type == "cuda",
+        )  # fmt: skip
+        self.step = 0
+        if resume_from is not None:
+            if st["global_batch"] != self.global_batch:
+                raise ValueError(
+                    f"--resume {resume_from}: global batch {self.global_batch} (per-device x processes x accumulation) "
+                    f"differs from the run's {st['global_batch']}; keep per-device x processes x accumulation equal"
+                )
+            set_optimizer_state_dict(self.model, self.opt, st["optimizer"], options=StateDictOptions(full_state_dict=True))
+            self.sched.load_state_dict(st["scheduler"])
+            if self.ema is not None:
+                self.ema.load_state_dict(st["ema"])
+            self.step = int(st["step"])
+            self.stream.seek(int(st["epoch"]), int(st["epoch_position"]))
+            rngs = st["rng"]
+            if len(rngs) == ctx.world_size:
+                set_rng_state(rngs[ctx.rank])
+            else:
+                self.print(f"note: resuming with {ctx.world_size} processes, the run had {len(rngs)}: RNG states re-seeded "
+                           "(training draws are per sample, so the data order and noise stay the same)")  # fmt: skip
+                seed_everything(tc.seed + self.step + ctx.rank)
+            if self.stream.steps_per_epoch != st["steps_per_epoch"]:
+                raise ValueError(f"--resume: the dataset now gives {self.stream.steps_per_epoch} steps per epoch, "
+                                 f"the run had {st['steps_per_epoch']} (was --dataset changed?)")  # fmt: skip
+        self.last_checkpoint: Path | None = resume_from
+        self.logger: MetricLogger | None = None
+
+    def print(self, *a: Any) -> None:
+        if self.ctx.is_main:
+            print(*a, flush=True)
+
+    # ---- one optimiser step -----------------------------------------------------------------
+    def train_step(self, micro: list[dict[str, Any]]) -> dict[str, float]:
+        cfg, tc, ctx = self.cfg, self.tc, self.ctx
+        r = cfg.diffusion.repeated_steps
+        # Divisor of the diffusion loss: the global count of unpadded chunk elements x R, per micro-batch,
+        # so averaging micro-batches (accumulation) and ranks (DDP) gives the whole global batch's loss.
+        n_local = torch.tensor(float(sum(int((~mb["action_is_pad"]).sum()) for mb in micro)), dtype=torch.float64)
+        n_global = float(ctx.all_reduce_sum(n_local)) * r
+        num_valid = max(n_global, 1.0) / (ctx.world_size * tc.grad_accum)
+        sums: dict[str, float] = {}
+        self.model.train()
+        for k, mb in enumerate(micro):
+            seeds = mb.pop(SEED_KEY)
+            draws = draw_training(seeds, r, cfg.horizon, cfg.action_dim, cfg.diffusion.train_steps, cfg.diffusion.cond_dropout)
+            last = k == len(micro) - 1
+            autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+            with grad_sync(self.model, last), autocast:
+                loss, logs = self.model(mb, draws=draws, num_valid=num_valid)
+                (loss / tc.grad_accum).backward()
+            for key, v in logs.items():
+                sums[key] = sums.get(key, 0.0) + v
+        keys = sorted(sums)
+        local = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        avg = ctx.all_reduce_sum(local) / (ctx.world_size * tc.grad_accum)
+        logs = {k: float(v) for k, v in zip(keys, avg)}
+        if not math.isfinite(logs["loss"]):
+            raise TrainingDiverged(self._diverged_message(f"loss is {logs['loss']}", logs))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if tc.grad_clip > 0:
+            gn = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        else:
+            gn = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+        logs["grad_norm"] = float(gn)
+        if not math.isfinite(logs["grad_norm"]):
+            raise TrainingDiverged(self._diverged_message(f"gradient norm is {logs['grad_norm']}", logs))
+        logs["lr"] = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        return logs
+
+    def _diverged_message(self, what: str, logs: dict[str, float]) -> str:
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        good = self.last_checkpoint or "none (no checkpoint was written yet)"
+        return (f"step {self.step + 1}: {what} ({terms}). Training stopped; no checkpoint was written with these "
+                f"weights. Last good checkpoint: {good}. Try a lower --lr, --grad-clip, or check the data.")  # fmt: skip
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Every rank takes part (gathers); rank 0 writes. Returns the folder on rank 0."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.model, options=opts)
+        optim = get_optimizer_state_dict(self.model, self.opt, options=opts)
+        ema = None
+        if self.ema is not None:
+            ema = {n: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for n, v in self.ema.shadow.items()}
+        rngs = self.ctx.gather_objects(rng_state())
+        path = None
+        if self.ctx.is_main:
+            exported = export_state(full, ema, self.lora_scaling)
+            bad = [k for k, v in exported.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise TrainingDiverged(f"step {self.step}: weights hold NaN/inf ({bad[:3]} ...); checkpoint not written")
+            state = {
+                "format": 1, "step": self.step, "epoch": self.stream.epoch, "epoch_position": self.stream.position,
+                "steps_per_epoch": self.stream.steps_per_epoch, "global_batch": self.global_batch,
+                "world_size": self.ctx.world_size, "optimizer": optim, "scheduler": self.sched.state_dict(),
+                "rng": rngs, "ema": None if self.ema is None else {**self.ema.state_dict(), "shadow": ema},
+                # the live weights, when the exported ones differ from them
+                "model": full if (self.ema is not None or self.lora_scaling is not None) else None,
+            }  # fmt: skip
+
+            def write(tmp: Path) -> None:
+                export_policy(self.policy, exported, self.policy.metadata).save_pretrained(tmp)
+                (tmp / ckpt_io.RUN_CONFIG_FILE).write_text(self.run.to_json())
+                ckpt_io.save_state(tmp / ckpt_io.STATE_FILE, state)
+
+            path = ckpt_io.write_checkpoint(self.ckpt_root, self.step, write, self.tc.keep_last)
+            self.last_checkpoint = path
+        self.ctx.barrier()
+        return path
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> int:
+        from tqdm import tqdm
+
+        tc, ctx = self.tc, self.ctx
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.logger = MetricLogger(self.out, self.run.to_dict(), tc.wandb, self.step)
+        if self.step >= tc.steps:
+            self.print(f"nothing to do: the run is at step {self.step} and --steps is {tc.steps}")
+            return 0
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not ctx.is_main, unit="step", dynamic_ncols=True,
+                   desc="train", file=sys.stdout)  # fmt: skip
+        smooth = Smoother()
+        wait_t = comp_t = 0.0
+        rate: float | None = None
+        try:
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                micro = self.stream.next_step(tc.grad_accum)
+                t1 = time.perf_counter()
+                logs = self.train_step(micro)
+                t2 = time.perf_counter()
+                self.step += 1
+                wait_t, comp_t = wait_t + (t1 - t0), comp_t + (t2 - t1)
+                inst = self.global_batch / max(t2 - t0, 1e-9)
+                rate = inst if rate is None else 0.9 * rate + 0.1 * inst
+                sm = smooth.update(logs)
+                if ctx.is_main:
+                    bar.set_postfix({k: f"{sm[k]:.4f}" for k in BAR_KEYS if k in sm} | {"samples/s": f"{rate:.1f}"}, refresh=False)
+                    bar.update(1)
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
+                        extra = {"samples_per_s": rate, "data_wait_frac": wait_t / max(wait_t + comp_t, 1e-9),
+                                 "epoch": float(self.stream.epoch)}  # fmt: skip
+                        assert self.logger is not None
+                        self.logger.log(self.step, logs | extra)
+                        wait_t = comp_t = 0.0
+                if self.step % tc.save_every == 0 or self.step == tc.steps:
+                    path = self.save()
+                    if path is not None:
+                        bar.write(f"step {self.step}: checkpoint {path}")
+        except TrainingDiverged as e:
+            bar.close()
+            self._finish()
+            print(f"damvla train: error: {e}", file=sys.stderr, flush=True)
+            return 1
+        bar.close()
+        self._finish()
+        self.print(f"done: {self.step} steps; final checkpoint {self.last_checkpoint}"
+                   + (" (EMA weights)" if self.ema is not None else ""))  # fmt: skip
+        return 0
+
+    def _finish(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            png = plot_losses(self.out / "metrics.jsonl", self.out / "loss_curves.png")
+            if png is not None:
+                print(f"loss curves: {png}; TensorBoard: tensorboard --logdir {self.out / 'tb'}", flush=True)
+
+    def describe(self) -> None:
+        tc, ctx = self.tc, self.ctx
+        self.print("resolved run config (saved as train_config.json in every checkpoint):")
+        self.print(self.run.to_json())
+        self.print(f"dataset {tc.dataset}: {len(self.dataset)} samples in {self.dataset.num_episodes} episodes, "
+                   f"{self.stream.steps_per_epoch} steps per epoch")  # fmt: skip
+        mode = ("FSDP2" if is_fsdp(self.model) else "DDP") if ctx.distributed else "single process"
+        self.print(f"devices: {ctx.world_size} x {ctx.device.type} ({mode}); precision: "
+                   f"{'bf16 autocast' if self.bf16 else 'fp32'}")  # fmt: skip
+        self.print(f"effective global batch: {self.global_batch} = {tc.batch_size} per device x {ctx.world_size} "
+                   f"device(s) x {tc.grad_accum} accumulation step(s)")  # fmt: skip
+        self.print(f"trainable parameters (freeze={tc.freeze}, lora={tc.lora or 'off'}):\n{self.report}")
+        if self.ema is not None:
+            self.print(f"EMA on (decay {tc.ema}): checkpoints export the EMA weights; the live weights are kept "
+                       "in training_state.pt for resuming")  # fmt: skip
+        if self.lora_scaling is not None:
+            self.print("LoRA on: checkpoints export the LLM with the adapters merged into its weights")
+        if self.step:
+            self.print(f"resuming at step {self.step} (epoch {self.stream.epoch}, position {self.stream.position})")
+
+
+def run(args: argparse.Namespace) -> int:
+    ctx = init_distributed()
+    try:
+        run_cfg, resume_from = resolve_run_config(args)
+        trainer = Trainer(run_cfg, resume_from, ctx)
+        trainer.describe()
+        return trainer.fit()
+    finally:
+        shutdown_distributed()
+
+

@@ -1,0 +1,113 @@
+"""Typed training configuration. ``RunConfig`` = policy config + training config: the whole run, saved as
+``train_config.json`` in every checkpoint and enough to rebuild the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from damvla.config import PolicyConfig
+
+FREEZE_STAGES = ("full", "vision", "llm", "heads_only")
+SCHEDULES = ("cosine", "constant")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about the optimisation run (the architecture lives in ``PolicyConfig``)."""
+
+    dataset: str = ""
+    out: str = ""
+    preset: str = "tiny"
+    ablation: str | None = None
+    overrides: list[str] = field(default_factory=list)  # dotted PolicyConfig overrides, kept for the record
+    steps: int = 1000  # total optimiser steps of the run (a resumed run stops here too)
+    batch_size: int = 8  # per device and micro-step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 100  # linear warm-up steps
+    schedule: str = "cosine"
+    weight_decay: float = 0.0  # applied to matrices only (not norms, biases, tokens)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema: float | None = None  # EMA decay of the trainable weights; the exported policy then holds the EMA
+    freeze: str = "full"  # full | vision | llm | heads_only (see damvla.training.model.FREEZE_HELP)
+    lora: int = 0  # LoRA rank on the LLM's linear layers; 0 = off
+    lora_alpha: float | None = None  # default 2 * rank
+    save_every: int = 1000
+    keep_last: int = 3
+    num_workers: int = 4
+    block_episodes: int = 8  # episodes shuffled together (EpisodeBlockSampler)
+    seed: int = 0
+    parallel: str = "ddp"  # with several processes: ddp | fsdp (FSDP2, fully_shard)
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    wandb: bool = False
+
+    def validate(self) -> TrainConfig:
+        errs = []
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                errs.append(f"{name}={getattr(self, name)} must be >= 1")
+        if self.warmup < 0 or self.num_workers < 0 or self.lora < 0 or self.keep_last < 1:
+            errs.append("warmup, num_workers and lora must be >= 0; keep_last >= 1")
+        if self.lr <= 0:
+            errs.append(f"lr={self.lr} must be > 0")
+        if self.schedule not in SCHEDULES:
+            errs.append(f"schedule={self.schedule!r}: expected one of {SCHEDULES}")
+        if self.freeze not in FREEZE_STAGES:
+            errs.append(f"freeze={self.freeze!r}: expected one of {FREEZE_STAGES}")
+        if self.parallel not in PARALLEL:
+            errs.append(f"parallel={self.parallel!r}: expected one of {PARALLEL}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            errs.append(f"precision={self.precision!r}: expected auto|bf16|fp32")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            errs.append(f"ema={self.ema}: the decay must be in (0, 1)")
+        if errs:
+            raise ValueError("invalid training config: " + "; ".join(errs))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"train config: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d).validate()
+
+
+@dataclass
+class RunConfig:
+    policy: PolicyConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.to_dict(), "train": self.train.to_dict()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        if set(d) != {"policy", "train"}:
+            raise ValueError(f"run config: expected keys 'policy' and 'train', got {sorted(d)}")
+        return cls(PolicyConfig.from_dict(d["policy"]).validate(), TrainConfig.from_dict(d["train"]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        p = Path(path)
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e})") from e

@@ -1,0 +1,186 @@
+"""Training data: the dataset checked against the config, a resumable distributed sampler, and
+per-sample training draws (diffusion noise, timesteps, condition dropout).
+
+Determinism by design: epoch e's global sample order depends only on (seed, e); an optimiser step takes
+the next ``global_batch`` positions of it, rank r taking every world-th one (DistributedSampler's split);
+and each sample's draws come from its own generator seeded by (seed, epoch, position). So a run is the
+same whatever the number of processes, accumulation micro-steps or DataLoader workers, and a resumed run
+continues exactly (it only needs epoch and position to restart the stream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from damvla.config import PolicyConfig
+from damvla.data.dataset import PolicyDataset
+from damvla.data.lerobot import CAMERA_DTYPES, DatasetError, LeRobotDatasetReader
+from damvla.diffusion import TrainingDraws
+
+SEED_KEY = "_sample_seed"  # extra batch key: each sample's draw seed (int64), popped before the forward
+
+
+def build_dataset(root: str, cfg: PolicyConfig) -> PolicyDataset:
+    """The dataset at ``root`` as this policy config reads it; raises ``ValueError`` naming any mismatch
+    between the two (action dimension, camera, gripper index, image size, horizon, stats) before training."""
+    reader = LeRobotDatasetReader(root)  # raises for a missing / incomplete dataset
+    cam = cfg.vision.camera
+    cam_key = cam if cam in reader.features else f"observation.images.{cam}"
+    if cam_key not in reader.features or reader.features[cam_key]["dtype"] not in CAMERA_DTYPES:
+        raise ValueError(
+            f"dataset {root} has no camera {cam_key!r} (config vision.camera={cam!r}); its cameras: "
+            f"{reader.camera_keys}. Pick one with the override vision.camera=<name>"
+        )
+    if "action" not in reader.features:
+        raise ValueError(f"dataset {root} has no 'action' feature (have {sorted(reader.features)})")
+    d = int(np.prod(reader.features["action"]["shape"]))
+    if d != cfg.action_dim:
+        raise ValueError(
+            f"action dimension mismatch: dataset {root} has action shape {reader.features['action']['shape']} "
+            f"({d} dims) but the config has action_dim={cfg.action_dim}; pass the override action_dim={d} "
+            f"(and gripper_index=<dim> or gripper_index=null)"
+        )
+    info_gi = (reader.info.get("damvla") or {}).get("gripper_index")
+    gi = cfg.gripper_index
+    if info_gi is not None and (gi is None or int(info_gi) % d != gi):
+        raise ValueError(
+            f"gripper index mismatch: dataset {root} (meta/info.json damvla.gripper_index) says {info_gi}, the config "
+            f"says gripper_index={gi}; pass the override gripper_index={info_gi}"
+        )
+    try:
+        # The raw open/closed threshold is the dataset's (info.json or the midpoint of the two levels);
+        # config.gripper_threshold is about the model's binary output.
+        ds = PolicyDataset(
+            root, horizon=cfg.horizon, image_size=cfg.vision.image_size, camera=cam_key, gripper_index=gi,
+            sigma_lead=cfg.weighting.sigma_lead, sigma_trail=cfg.weighting.sigma_trail,
+        )  # fmt: skip
+    except DatasetError as e:
+        raise ValueError(f"dataset {root}: {e}") from e
+    check_sample(ds[0], cfg, root)
+    return ds
+
+
+def check_sample(x: dict[str, Any], cfg: PolicyConfig, root: str) -> None:
+    """One sample against what the policy expects (shapes in docs/CONTRACTS.md)."""
+    s, h, d = cfg.vision.image_size, cfg.horizon, cfg.action_dim
+    key = f"observation.images.{cfg.vision.camera}"
+    want = {key: (3, s, s), "action": (h, d), "action_is_pad": (h,), "trajectory_weight": (h,), "router_label": ()}
+    for k, shape in want.items():
+        if k not in x:
+            raise ValueError(f"dataset {root}: samples lack {k!r} (have {sorted(x)})")
+        if tuple(x[k].shape) != shape:
+            raise ValueError(f"dataset {root}: sample {k!r} has shape {tuple(x[k].shape)}, the config expects {shape}")
+    if not torch.isfinite(x["action"]).all():
+        raise ValueError(f"dataset {root}: normalised actions hold NaN/inf (check meta/stats.json q01/q99)")
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 63-bit seed for the sample at ``position`` of epoch ``epoch``'s global order."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def draw_training(seeds: torch.Tensor, repeats: int, horizon: int, action_dim: int, train_steps: int,
+                  cond_dropout: float) -> TrainingDraws:  # fmt: skip
+    """Per-sample draws (B, R, ...) from per-sample CPU generators (cheap: B * R * H * D numbers)."""
+    noise, ts, drops = [], [], []
+    for s in seeds.tolist():
+        g = torch.Generator().manual_seed(int(s))
+        ts.append(torch.randint(0, train_steps, (repeats,), generator=g))
+        noise.append(torch.randn(repeats, horizon, action_dim, generator=g))
+        drops.append(torch.rand(repeats, generator=g) < cond_dropout)
+    return TrainingDraws(torch.stack(noise), torch.stack(ts), torch.stack(drops))
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so the sampler's ``(index, seed)`` keys come back as the sample plus its seed."""
+
+    def __init__(self, dataset: PolicyDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        i, seed = key
+        x = self.dataset[i]
+        x[SEED_KEY] = torch.tensor(seed, dtype=torch.int64)
+        return x
+
+
+class ResumableDistributedSampler(Sampler[tuple[int, int]]):
+    """DistributedSampler semantics (epoch-seeded global order, rank r takes positions r, r + W, ...),
+    plus: the global order is the dataset's episode-block shuffle, epochs are cut to whole global batches
+    (so every step sees a full global batch on every rank), and an epoch can start at any position (resume)."""
+
+    def __init__(self, dataset: PolicyDataset, global_batch: int, rank: int, world_size: int, seed: int,
+                 block_episodes: int = 8) -> None:  # fmt: skip
+        if len(dataset) < global_batch:
+            raise ValueError(
+                f"the dataset has {len(dataset)} samples, fewer than one global batch ({global_batch}); "
+                "lower --batch-size / --grad-accum"
+            )
+        self.order_sampler = dataset.make_sampler(shuffle=True, block_episodes=block_episodes, seed=seed)
+        self.global_batch, self.rank, self.world, self.seed = global_batch, rank, world_size, seed
+        self.steps_per_epoch = len(dataset) // global_batch
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Next iteration: epoch ``epoch`` from global position ``start`` (a multiple of the global batch)."""
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch * self.global_batch - self.start) // self.world
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        self.order_sampler.set_epoch(self.epoch)
+        order = list(self.order_sampler)
+        stop = self.steps_per_epoch * self.global_batch
+        for p in range(self.start + self.rank, stop, self.world):
+            yield order[p], sample_seed(self.seed, self.epoch, p)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Samples carry no randomness of their own (draws come from SEED_KEY); seed numpy anyway so any
+    # future augmentation in a worker is reproducible rather than forked from the parent's state.
+    info = torch.utils.data.get_worker_info()
+    np.random.seed(info.seed % 2**32 if info is not None else worker_id)
+
+
+class StepStream:
+    """Micro-batches for this rank, epoch after epoch, starting at (epoch, position)."""
+
+    def __init__(self, dataset: PolicyDataset, batch_size: int, global_batch: int, rank: int, world_size: int,
+                 seed: int, num_workers: int, block_episodes: int, pin_memory: bool) -> None:  # fmt: skip
+        self.sampler = ResumableDistributedSampler(dataset, global_batch, rank, world_size, seed, block_episodes)
+        self.global_batch = global_batch
+        g = torch.Generator().manual_seed(seed)  # the workers' base seeds
+        self.loader = DataLoader(
+            SeededDataset(dataset), batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            drop_last=True, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+            worker_init_fn=_worker_init, generator=g, prefetch_factor=4 if num_workers > 0 else None,
+        )  # fmt: skip
+        self.epoch, self.position = 0, 0  # next global position to be consumed
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+    def seek(self, epoch: int, position: int) -> None:
+        self.epoch, self.position, self._it = epoch, position, None
+
+    def next_step(self, grad_accum: int) -> list[dict[str, Any]]:
+        """The ``grad_accum`` micro-batches of the next optimiser step (never split across epochs)."""
+        if self.position >= self.steps_per_epoch * self.global_batch:
+            self.epoch, self.position, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self.sampler.set_epoch(self.epoch, self.position)
+            self._it = iter(self.loader)
+        out = [next(self._it) for _ in range(grad_accum)]
+        self.position += self.global_batch
+        return out

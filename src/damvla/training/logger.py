@@ -1,0 +1,94 @@
+"""What a user watches: TensorBoard (OUT/tb), optional wandb, OUT/metrics.jsonl, and OUT/loss_curves.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+BAR_KEYS = ("loss", "loss_arm", "loss_gripper", "loss_action", "loss_router", "router_acc")
+
+
+class Smoother:
+    """Exponential moving average of each logged value, for the progress bar."""
+
+    def __init__(self, beta: float = 0.9) -> None:
+        self.beta, self.values, self.n = beta, {}, 0
+
+    def update(self, logs: dict[str, float]) -> dict[str, float]:
+        self.n += 1
+        for k, v in logs.items():
+            prev = self.values.get(k, v)
+            self.values[k] = self.beta * prev + (1 - self.beta) * v
+        return dict(self.values)
+
+
+class MetricLogger:
+    """Rank 0 only. Appends to metrics.jsonl (so a resumed run continues the same file)."""
+
+    def __init__(self, out: Path, run_config: dict[str, Any], use_wandb: bool, resumed_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out = out
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=resumed_step if resumed_step else None)
+        self.jsonl_path = out / "metrics.jsonl"
+        if resumed_step and self.jsonl_path.is_file():
+            # drop records past the checkpoint we resume from (they will be redone)
+            keep = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
+            self.jsonl_path.write_text("".join(k + "\n" for k in keep))
+        self.jsonl = open(self.jsonl_path, "a")
+        self.wandb = None
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                print("warning: --wandb given but wandb is not installed; logging to TensorBoard only")
+            else:
+                self.wandb = wandb.init(project="damvla", dir=str(out), config=run_config, resume="allow")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.tb.add_scalar(f"train/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        self.tb.close()
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_losses(jsonl: Path, png: Path) -> Path | None:
+    """Loss curves from metrics.jsonl (one panel per term, raw and smoothed) -> PNG. None when empty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()] if jsonl.is_file() else []
+    if not rows:
+        return None
+    keys = [k for k in ("loss", "loss_arm", "loss_gripper", "loss_action", "loss_router", "router_acc", "lr", "grad_norm")
+            if any(k in r for r in rows)]  # fmt: skip
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), sharex=True, squeeze=False)
+    for ax, k in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, lw=0.8, alpha=0.4)
+        sm, acc = [], None
+        for y in ys:
+            acc = y if acc is None else 0.9 * acc + 0.1 * y
+            sm.append(acc)
+        ax.plot(xs, sm, lw=1.5)
+        ax.set_ylabel(k)
+        if k.startswith("loss") and min(ys) > 0:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

@@ -1,0 +1,133 @@
+"""What trains: freezing stages, LoRA on the LLM (peft), the parameter report, and the state dict a
+checkpoint exports (gathered from FSDP shards, EMA weights when EMA is on, LoRA merged into the LLM)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from damvla.model.policy import DAMVLAPolicy
+
+FREEZE_HELP = (
+    "full: everything trains; vision: both vision encoders frozen; llm: vision encoders and the LLM frozen "
+    "(projector, router, heads train; LoRA adapters train when --lora is set); heads_only: only the DiT heads "
+    "and the router train"
+)
+# Parameters the policy's forward never reads (DINOv2's masked-image-modelling token): they would get no
+# gradient, which DDP treats as an error and AdamW as missing state, so they never train.
+UNUSED_PARAMS = ("vision.dinov2.embeddings.mask_token",)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def component_of(name: str) -> str:
+    """The report group of a parameter name."""
+    for prefix, comp in (
+        ("vision.dinov2.", "vision.dinov2"), ("vision.siglip.", "vision.siglip"), ("language.projector.", "projector"),
+        ("router.", "router"),
+    ):  # fmt: skip
+        if name.startswith(prefix):
+            return comp
+    if name.startswith("language.llm."):
+        return "llm.lora" if ".lora_" in name else "llm"
+    if name.startswith("heads."):
+        return "head." + name.split(".")[1]
+    return name.split(".")[0]
+
+
+def apply_freeze(policy: DAMVLAPolicy, stage: str) -> None:
+    """Set requires_grad per freezing stage (see FREEZE_HELP). LoRA adapters are handled by add_lora."""
+    frozen: list[nn.Module] = []
+    if stage in ("vision", "llm", "heads_only"):
+        frozen.append(policy.vision)
+    if stage in ("llm", "heads_only"):
+        frozen.append(policy.language.llm)
+    if stage == "heads_only":
+        frozen.append(policy.language.projector)
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    for name, p in policy.named_parameters():
+        if name in UNUSED_PARAMS:
+            p.requires_grad_(False)
+
+
+def add_lora(policy: DAMVLAPolicy, rank: int, alpha: float | None) -> float:
+    """Inject LoRA adapters (peft) into the LLM's attention and MLP projections, in place, and freeze the
+    LLM's base weights. Dropout is 0 so training keeps no hidden RNG draws. Returns the LoRA scaling."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    alpha = float(alpha if alpha is not None else 2 * rank)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+    inject_adapter_in_model(cfg, policy.language.llm)
+    for name, p in policy.language.llm.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return alpha / rank
+
+
+def parameter_report(policy: nn.Module) -> tuple[str, dict[str, dict[str, int]]]:
+    """A table of trainable / total parameters per component and the trainable module groups."""
+    counts: dict[str, dict[str, int]] = {}
+    groups: dict[str, set[str]] = {}
+    for name, p in policy.named_parameters():
+        comp = component_of(name)
+        c = counts.setdefault(comp, {"trainable": 0, "total": 0})
+        c["total"] += p.numel()
+        if p.requires_grad:
+            c["trainable"] += p.numel()
+            # module group: the name with layer numbers collapsed, e.g. language.llm.layers.*.self_attn
+            groups.setdefault(comp, set()).add(re.sub(r"\.\d+\.", ".*.", name.rsplit(".", 1)[0]))
+    tot = {"trainable": sum(c["trainable"] for c in counts.values()), "total": sum(c["total"] for c in counts.values())}
+    lines = [f"  {'component':<16} {'trainable':>14} {'total':>14}"]
+    for comp, c in counts.items():
+        lines.append(f"  {comp:<16} {c['trainable']:>14,} {c['total']:>14,}")
+    lines.append(f"  {'total':<16} {tot['trainable']:>14,} {tot['total']:>14,}")
+    lines.append("  trainable module groups:")
+    for comp, gs in groups.items():
+        shown = sorted(gs)
+        more = f" ... (+{len(shown) - 6})" if len(shown) > 6 else ""
+        lines.append(f"    {comp}: {', '.join(shown[:6])}{more}")
+    counts["total"] = tot
+    return "\n".join(lines), counts
+
+
+def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A peft-injected state dict -> the plain one: W = W_base + scaling * B @ A, adapter keys dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if ".lora_" in k:
+            continue
+        if ".base_layer." in k:
+            prefix, leaf = k.split(".base_layer.")
+            a_key, b_key = f"{prefix}.lora_A.default.weight", f"{prefix}.lora_B.default.weight"
+            if leaf == "weight" and a_key in state:
+                v = v + scaling * (state[b_key].float() @ state[a_key].float()).to(v.dtype)
+            k = f"{prefix}.{leaf}"
+        out[k] = v
+    return out
+
+
+def export_state(full_state: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
+                 lora_scaling: float | None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The policy's exported weights: EMA values for the trainable parameters when EMA is on, LoRA merged."""
+    state = dict(full_state)
+    if ema is not None:
+        for k, v in ema.items():
+            state[k] = v.to(state[k].dtype)
+    if lora_scaling is not None:
+        state = merge_lora(state, lora_scaling)
+    return state
+
+
+def export_policy(policy: DAMVLAPolicy, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> DAMVLAPolicy:
+    """A plain policy (no LoRA modules) holding ``state``, built on the meta device (no extra memory) and
+    filled by assignment; use its ``save_pretrained``."""
+    with torch.device("meta"):
+        out = DAMVLAPolicy(policy.config, policy.normalizer, metadata, load_pretrained=False)
+    out.load_state_dict(state, strict=True, assign=True)
+    out.language.set_tokenizer(policy.language.tokenizer)
+    return out
