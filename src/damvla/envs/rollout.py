@@ -19,15 +19,25 @@ The batch given to ``policy_fn`` (B = running episodes, order = ``batch["slot"]`
 | ``slot`` | int64 (B,) | worker slot; stable for the whole episode |
 | ``episode_start`` | bool (B,) | True on an episode's first step: reset per-slot policy state (action queues) |
 | ``episode_index`` | int64 (B,) | index into ``specs`` |
+| ``has_image`` | bool (B,) | False for specs with ``render=False`` (their image is all zeros) |
+
+With ``rollout(..., privileged=True)`` the batch also holds ``privileged`` (float64 (B, P), the full
+simulator state): only scripted experts read it (``damvla eval --policy expert``), never a learned policy.
+
+Failures are per episode: an exception in a worker's env (reset or step), a worker that dies, or one
+that does not answer within ``timeout_s`` ends *that* episode with ``EpisodeResult.error`` set; the worker
+is restarted and the run goes on. An exception raised by ``policy_fn`` itself still aborts the run (it
+is a bug in the policy or the caller, and it would hit every episode alike).
 
 Only Meta-World is wired in (``simulator="metaworld_v3"``); another simulator plugs in through
-``make_env``.
+``make_env`` and ``mapping_from_dict``.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -35,14 +45,21 @@ from typing import Any
 
 import numpy as np
 
-from damvla.envs.base import Env, InitialState
+from damvla.envs.base import ActionMapping, Env, InitialState
 
 PolicyFn = Callable[[dict[str, Any]], np.ndarray]
 
 
 @dataclass(frozen=True)
 class RolloutSpec:
-    """One evaluation episode: the task, its exact initial state and the env settings."""
+    """One evaluation episode: the task, its exact initial state and the env settings.
+
+    ``action_mapping``: a dataset's ``info["damvla"]["action_mapping"]`` dict; when set, the env maps the
+    policy's 7-D action to the native one with it (evaluation uses the checkpoint's mapping, not the
+    env's default). ``record_frames``: keep this episode's images (``EpisodeResult.frames``; needs
+    ``render``). ``render=False`` skips rendering, ~20x faster for image-blind policies; the batch then
+    carries an all-zero image for that row and ``has_image`` False.
+    """
 
     task: str
     initial_state: InitialState
@@ -50,11 +67,19 @@ class RolloutSpec:
     resolution: int = 128
     max_steps: int | None = None  # None: the simulator's default time limit
     stop_on_success: bool = True  # benchmarks count the first success; stop there
+    action_mapping: dict[str, Any] | None = None
+    record_frames: bool = False
+    render: bool = True  # False: no image (policies that do not look: scripted expert, random)
 
 
 @dataclass
 class EpisodeResult:
-    """Outcome of one spec. ``frames`` (uint8 (T, H, W, 3), upright) only with ``record_frames``."""
+    """Outcome of one spec. ``frames`` (uint8 (T, H, W, 3), upright) only when recorded.
+
+    ``error`` is None for an episode that ran to its end, else what went wrong (then ``success`` is
+    False and ``steps`` counts the steps done before the failure). ``env_seconds``: wall time the
+    worker spent inside ``env.step`` (simulation + rendering), for the steps-per-second figure.
+    """
 
     task: str
     key: str
@@ -63,6 +88,8 @@ class EpisodeResult:
     total_reward: float
     frames: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    env_seconds: float = 0.0
 
 
 def make_env(spec: RolloutSpec) -> Env:
@@ -71,49 +98,78 @@ def make_env(spec: RolloutSpec) -> Env:
     if sim == "metaworld_v3":
         from damvla.envs.metaworld import DEFAULT_CAMERA, MetaWorldEnv
 
-        return MetaWorldEnv(spec.task, spec.camera or DEFAULT_CAMERA, spec.resolution, spec.max_steps)
+        return MetaWorldEnv(
+            spec.task, spec.camera or DEFAULT_CAMERA, spec.resolution, spec.max_steps, render=spec.render
+        )
     raise ValueError(f"rollout: no env for simulator {sim!r} (episode {spec.initial_state.key})")
+
+
+def mapping_from_dict(simulator: str, mapping: dict[str, Any], task: str) -> ActionMapping:
+    """Rebuild ``task``'s action mapping of ``simulator`` from a dataset's ``action_mapping`` dict."""
+    if simulator == "metaworld_v3":
+        from damvla.envs.metaworld import action_mapping_from_dict
+
+        return action_mapping_from_dict(mapping, task)
+    raise ValueError(f"rollout: no action mapping reader for simulator {simulator!r}")
 
 
 # ---- workers -------------------------------------------------------------------------------------
 class _EnvHost:
     """Owns one env (rebuilt when the settings change) and answers reset/step requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, privileged: bool = False) -> None:
         self.env: Env | None = None
         self.env_key: tuple[Any, ...] | None = None
+        self.privileged = privileged
 
     def handle(self, msg: tuple[Any, ...]) -> Any:
         kind = msg[0]
         if kind == "reset":
             spec: RolloutSpec = msg[1]
-            key = (spec.initial_state.simulator, spec.task, spec.camera, spec.resolution, spec.max_steps)
+            key = (
+                spec.initial_state.simulator,
+                spec.task,
+                spec.camera,
+                spec.resolution,
+                spec.max_steps,
+                spec.render,
+            )
             if self.env is None or self.env_key != key:
                 self.close()
                 self.env, self.env_key = make_env(spec), key
+            if spec.action_mapping is not None:
+                # Set on every reset: the env is reused across episodes of a task, and specs could differ.
+                self.env.action_mapping = mapping_from_dict(
+                    spec.initial_state.simulator, spec.action_mapping, spec.task
+                )
             obs = self.env.reset(spec.initial_state)
-            return _slim(obs), self.env.instruction
+            return self._slim(obs), self.env.instruction
         if kind == "step":
             assert self.env is not None, "step before reset"
+            t0 = time.perf_counter()
             obs, reward, done, info = self.env.step(msg[1])
-            return _slim(obs), reward, done, {"success": bool(info["success"])}
+            dt = time.perf_counter() - t0
+            return self._slim(obs), reward, done, {"success": bool(info["success"]), "step_s": dt}
         raise ValueError(f"rollout worker: unknown request {kind!r}")
+
+    def _slim(self, obs: dict[str, Any]) -> dict[str, Any]:
+        """Drop privileged simulator state unless asked for: a policy never sees it, and it need not
+        cross processes."""
+        out = {"image": obs["image"], "state": obs["state"]}
+        if self.privileged:
+            out["privileged"] = np.asarray(obs["privileged"], dtype=np.float64)
+        return out
 
     def close(self) -> None:
         if self.env is not None:
-            self.env.close()
-            self.env = None
+            env, self.env = self.env, None
+            env.close()
 
 
-def _slim(obs: dict[str, Any]) -> dict[str, Any]:
-    """Drop privileged simulator state: a policy never sees it, and it need not cross processes."""
-    return {"image": obs["image"], "state": obs["state"]}
-
-
-def _worker_main(conn: Connection) -> None:
+def _worker_main(conn: Connection, privileged: bool = False) -> None:
     os.environ.setdefault("LP_NUM_THREADS", "1")  # one raster thread per worker process
     os.environ.setdefault("MUJOCO_GL", "egl")
-    host = _EnvHost()
+    host = _EnvHost(privileged)
     try:
         while True:
             msg = conn.recv()
@@ -129,42 +185,66 @@ def _worker_main(conn: Connection) -> None:
         host.close()
 
 
+class WorkerError(RuntimeError):
+    """A worker failed one request (its env raised, the process died, or it timed out)."""
+
+
 class _Slot:
     """A worker process (``proc=True``) or an in-process env host, behind one send/recv API."""
 
-    def __init__(self, index: int, proc: bool) -> None:
+    def __init__(
+        self, index: int, proc: bool, privileged: bool = False, timeout_s: float | None = None
+    ) -> None:
         self.index = index
+        self.timeout_s = timeout_s
         self._host: _EnvHost | None = None
         self._reply: Any = None
         self._proc: Any = None
+        self._send_error: str | None = None
         if proc:
             ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited GL context or MuJoCo state
             self._conn, child = ctx.Pipe()
-            self._proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+            self._proc = ctx.Process(target=_worker_main, args=(child, privileged), daemon=True)
             self._proc.start()
             child.close()
         else:
-            self._host = _EnvHost()
+            self._host = _EnvHost(privileged)
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id (None in-process)."""
+        return None if self._proc is None else self._proc.pid
 
     def send(self, msg: tuple[Any, ...]) -> None:
+        self._send_error = None
         if self._host is not None:
             try:
                 self._reply = ("ok", self._host.handle(msg))
             except Exception as e:
                 self._reply = ("error", f"{type(e).__name__}: {e}")
-        else:
+            return
+        try:
             self._conn.send(msg)
+        except (BrokenPipeError, ConnectionResetError, OSError) as e:
+            self._send_error = f"worker {self.index} is gone ({type(e).__name__})"  # reported by recv
 
     def recv(self, what: str) -> Any:
         if self._host is not None:
             status, payload = self._reply
         else:
+            if self._send_error is not None:
+                raise WorkerError(f"rollout worker {self.index} died before {what}: {self._send_error}")
             try:
+                if self.timeout_s is not None and not self._conn.poll(self.timeout_s):
+                    raise WorkerError(
+                        f"rollout worker {self.index} did not answer {what} within {self.timeout_s:g} s"
+                    )
                 status, payload = self._conn.recv()
-            except EOFError as e:
-                raise RuntimeError(f"rollout worker {self.index} died during {what}") from e
+            except (EOFError, ConnectionResetError, OSError) as e:
+                code = self._proc.exitcode if self._proc is not None else None
+                raise WorkerError(f"rollout worker {self.index} died during {what} (exit code {code})") from e
         if status != "ok":
-            raise RuntimeError(f"rollout worker {self.index} failed during {what}: {payload}")
+            raise WorkerError(f"rollout worker {self.index} failed during {what}: {payload}")
         return payload
 
     def close(self) -> None:
@@ -173,14 +253,24 @@ class _Slot:
         elif self._proc is not None:
             try:
                 self._conn.send(("close",))
-            except (BrokenPipeError, OSError):
+            except (BrokenPipeError, ConnectionResetError, OSError):
                 pass
             self._proc.join(timeout=10)
             if self._proc.is_alive():
                 self._proc.terminate()
+                self._proc.join(timeout=5)
+            self._conn.close()
 
 
 # ---- main loop -----------------------------------------------------------------------------------
+def _chw(r: _Running) -> np.ndarray:
+    """The episode's image channel-first, or zeros of the spec's size when it is not rendered."""
+    img = r.obs["image"]
+    if img is None:
+        return np.zeros((3, r.spec.resolution, r.spec.resolution), dtype=np.uint8)
+    return img.transpose(2, 0, 1)
+
+
 @dataclass
 class _Running:
     spec_index: int
@@ -191,6 +281,7 @@ class _Running:
     steps: int = 0
     reward: float = 0.0
     success: bool = False
+    env_seconds: float = 0.0
     frames: list[np.ndarray] = field(default_factory=list)
 
 
@@ -200,71 +291,121 @@ def rollout(
     num_workers: int = 2,
     record_frames: bool = False,
     progress: Callable[[EpisodeResult], None] | None = None,
+    privileged: bool = False,
+    timeout_s: float | None = None,
 ) -> list[EpisodeResult]:
     """Run every spec to the end with ``policy_fn`` and return one result per spec, in spec order.
 
-    ``num_workers=0`` runs one env in this process (debugging, tests). ``progress`` is called with each
-    finished episode. An episode ends at its first success (``stop_on_success``) or its time limit.
+    ``num_workers=0`` runs one env in this process (debugging, tests). ``record_frames`` keeps the
+    images of every episode (else only of specs with ``record_frames``). ``progress`` is called with
+    each finished episode. An episode ends at its first success (``stop_on_success``), its time limit,
+    or an env failure (``EpisodeResult.error``; the worker is restarted). ``privileged`` adds the
+    simulator state to the batch (scripted experts only). ``timeout_s`` bounds each worker answer.
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not specs:
         return []
     n = min(max(num_workers, 1), len(specs))
-    slots = [_Slot(i, proc=num_workers > 0) for i in range(n)]
+
+    def new_slot(i: int) -> _Slot:
+        return _Slot(i, proc=num_workers > 0, privileged=privileged, timeout_s=timeout_s)
+
+    slots = [new_slot(i) for i in range(n)]
     results: list[EpisodeResult | None] = [None] * len(specs)
     running: dict[int, _Running] = {}
     pending = list(range(len(specs)))[::-1]  # pop() takes the next spec in order
 
-    def start(slot: _Slot) -> None:
-        i = pending.pop()
-        slot.send(("reset", specs[i]))
-        obs, instruction = slot.recv(f"reset of {specs[i].initial_state.key}")
-        running[slot.index] = _Running(i, specs[i], obs, instruction)
+    def finish(res: EpisodeResult, index: int) -> None:
+        results[index] = res
+        if progress is not None:
+            progress(res)
+
+    def fail(s: int, index: int, error: str, r: _Running | None = None) -> None:
+        """Record spec ``index`` as failed and give slot ``s`` a fresh worker (its env may be broken)."""
+        spec = specs[index]
+        frames = np.stack(r.frames) if r is not None and r.frames else None
+        finish(
+            EpisodeResult(
+                task=spec.task,
+                key=spec.initial_state.key,
+                success=False,
+                steps=r.steps if r is not None else 0,
+                total_reward=r.reward if r is not None else 0.0,
+                frames=frames,
+                error=error,
+                env_seconds=r.env_seconds if r is not None else 0.0,
+            ),
+            index,
+        )
+        running.pop(s, None)
+        slots[s].close()
+        slots[s] = new_slot(s)
+
+    def start(s: int) -> None:
+        """Start the next pending spec on slot ``s``; specs whose reset fails are recorded and skipped."""
+        while pending:
+            i = pending.pop()
+            slots[s].send(("reset", specs[i]))
+            try:
+                obs, instruction = slots[s].recv(f"reset of {specs[i].initial_state.key}")
+            except WorkerError as e:
+                fail(s, i, str(e))
+                continue
+            running[s] = _Running(i, specs[i], obs, instruction)
+            return
 
     try:
-        for slot in slots:  # resets are sequential once; env construction dominates and is one-off
-            if pending:
-                start(slot)
+        for s in range(n):  # resets are sequential once; env construction dominates and is one-off
+            start(s)
         while running:
             order = sorted(running)
             cur = [running[s] for s in order]
             batch = {
-                "observation.images.image": np.stack([r.obs["image"].transpose(2, 0, 1) for r in cur]),
+                "observation.images.image": np.stack([_chw(r) for r in cur]),
+                "has_image": np.asarray([r.obs["image"] is not None for r in cur]),
                 "observation.state": np.stack([r.obs["state"] for r in cur]).astype(np.float32),
                 "task": [r.instruction for r in cur],
                 "slot": np.asarray(order, dtype=np.int64),
                 "episode_start": np.asarray([r.start for r in cur]),
                 "episode_index": np.asarray([r.spec_index for r in cur], dtype=np.int64),
             }
+            if privileged:
+                batch["privileged"] = np.stack([r.obs["privileged"] for r in cur])
             actions = np.asarray(policy_fn(batch), dtype=np.float32)
             if actions.shape != (len(cur), 7):
                 raise ValueError(f"policy_fn returned shape {actions.shape}, expected ({len(cur)}, 7)")
             for s, r, a in zip(order, cur, actions):
-                if record_frames:
+                if (record_frames or r.spec.record_frames) and r.obs["image"] is not None:
                     r.frames.append(r.obs["image"])
                 slots[s].send(("step", a))
             for s, r in zip(order, cur):  # all workers step in parallel, then we collect
-                obs, reward, done, info = slots[s].recv(f"step {r.steps} of {r.spec.initial_state.key}")
+                try:
+                    obs, reward, done, info = slots[s].recv(f"step {r.steps} of {r.spec.initial_state.key}")
+                except WorkerError as e:
+                    fail(s, r.spec_index, str(e), r)
+                    start(s)
+                    continue
                 r.obs, r.start = obs, False
                 r.steps += 1
                 r.reward += float(reward)
+                r.env_seconds += float(info.get("step_s", 0.0))
                 r.success = r.success or info["success"]
                 if done or (r.success and r.spec.stop_on_success):
-                    res = EpisodeResult(
-                        task=r.spec.task,
-                        key=r.spec.initial_state.key,
-                        success=r.success,
-                        steps=r.steps,
-                        total_reward=r.reward,
-                        frames=np.stack(r.frames) if record_frames and r.frames else None,
+                    finish(
+                        EpisodeResult(
+                            task=r.spec.task,
+                            key=r.spec.initial_state.key,
+                            success=r.success,
+                            steps=r.steps,
+                            total_reward=r.reward,
+                            frames=np.stack(r.frames) if r.frames else None,
+                            env_seconds=r.env_seconds,
+                        ),
+                        r.spec_index,
                     )
-                    results[r.spec_index] = res
                     del running[s]
-                    if progress is not None:
-                        progress(res)
-                    if pending:
-                        start(slots[s])
+                    start(s)
     finally:
         for slot in slots:
             slot.close()

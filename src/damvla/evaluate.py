@@ -1,0 +1,691 @@
+"""``damvla eval``: closed-loop evaluation in Meta-World (protocol: docs/evaluation.md).
+
+    damvla eval runs/mw/checkpoints/last --suite mt10 --episodes 10 --out eval/mt10
+    damvla eval --policy expert --suite mt10 --episodes 10 --out /tmp/eval_expert --append-results docs/results.md
+    damvla eval --policy random --suite pick-place,reach --episodes 5 --out /tmp/eval_random
+
+Episodes start from fixed, recorded initial states of the eval seed pool (``initial_state_seeds("eval",
+N)``, disjoint from every training seed), run in parallel worker processes with one batched policy
+forward per step for all waiting envs (``damvla.envs.rollout``), and stop at the first success or the
+time limit. A checkpoint's 7-D actions reach the simulator through the action mapping stored in its
+metadata; everything that can disagree between checkpoint and environment (action layout, camera,
+mapping, task coverage, seed overlap) is checked before the first rollout.
+
+Output folder: ``results.json``, ``report.md``, ``initial_states.jsonl``, ``episodes.jsonl`` (per-step
+router weight / head / gripper), ``command.txt``, ``versions.json``, ``videos/TASK/seed-N.mp4`` and
+``plots/TASK/seed-N.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+POLICIES = ("checkpoint", "expert", "random")
+EXECUTIONS = ("chunk", "adaptive_ensemble", "temporal_ensemble")
+CAMERA_KEY = "observation.images.image"  # the only camera key the rollout harness provides
+VIDEO_FPS = 30  # Meta-World runs at 80 Hz; 30 fps plays episodes at ~0.4x, easier to follow
+
+
+@dataclass
+class EvalOptions:
+    """Everything one ``damvla eval`` run depends on (the command line, as data)."""
+
+    suite: str
+    episodes: int
+    out: Path
+    checkpoint: str | None = None
+    policy: str = "checkpoint"
+    workers: int = 2
+    max_steps: int | None = None  # None: the task's default time limit (Meta-World: 500)
+    execution: str | None = None  # None: the checkpoint's config.inference
+    execute_steps: int | None = None
+    ensemble_horizon: int | None = None
+    seed: int = 0  # noise / random-policy seed; initial states do not depend on it
+    state_offset: int = 0  # first eval-pool seed index
+    initial_states: Path | None = None  # replay the states recorded by an earlier run
+    videos: int = 1  # first K episodes per task
+    plots: int = -1  # first K episodes per task; -1 = all
+    device: str = "cpu"
+    threads: int | None = None  # torch CPU threads for inference; None: torch's default
+    camera: str | None = None
+    resolution: int | None = None
+    timeout: float = 300.0  # seconds a worker may take to answer one reset / step
+    append_results: Path | None = None
+    title: str | None = None
+    progress: bool = True
+
+    def validate(self) -> EvalOptions:
+        errs = []
+        if self.policy not in POLICIES:
+            errs.append(f"--policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy == "checkpoint" and not self.checkpoint:
+            errs.append("--policy checkpoint needs a CHECKPOINT folder (or use --policy expert / random)")
+        if self.episodes < 1:
+            errs.append(f"--episodes must be >= 1, got {self.episodes}")
+        if self.workers < 0:
+            errs.append(f"--workers must be >= 0, got {self.workers}")
+        if self.max_steps is not None and self.max_steps < 1:
+            errs.append(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.execution is not None and self.execution not in EXECUTIONS:
+            errs.append(f"--execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.execute_steps is not None and self.execute_steps < 1:
+            errs.append(f"--execute-steps must be >= 1, got {self.execute_steps}")
+        if self.ensemble_horizon is not None and self.ensemble_horizon < 1:
+            errs.append(f"--ensemble-horizon must be >= 1, got {self.ensemble_horizon}")
+        if self.videos < 0:
+            errs.append(f"--videos must be >= 0, got {self.videos}")
+        if self.plots < -1:
+            errs.append(f"--plots must be >= 0 or -1 (all), got {self.plots}")
+        if self.state_offset < 0:
+            errs.append(f"--state-offset must be >= 0, got {self.state_offset}")
+        if self.threads is not None and self.threads < 1:
+            errs.append(f"--threads must be >= 1, got {self.threads}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            errs.append(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if errs:
+            raise ValueError("; ".join(errs))
+        return self
+
+
+# ---- environment setup a checkpoint implies ------------------------------------------------------
+@dataclass
+class EnvSetup:
+    """How the envs must be built for the policy under test."""
+
+    action_mapping: dict[str, Any]
+    camera: str
+    resolution: int
+    training_seeds: dict[str, set[int]] = field(default_factory=dict)
+    sigma_lead: float = 6.0
+    sigma_trail: float = 2.0
+
+
+def training_seeds(metadata: dict[str, Any]) -> dict[str, set[int]]:
+    """Initial-state seeds the checkpoint's training data used or tried, per task.
+
+    Read from the dataset recipe (``seeds`` kept per task, and the ``tried`` range from
+    ``seed_offset``) and, when the dataset folder is still there, its ``meta/damvla_episodes.jsonl``
+    attempt log. Empty for datasets not made by ``damvla collect``."""
+    dam = metadata.get("damvla") or {}
+    recipe = dam.get("recipe") or {}
+    out: dict[str, set[int]] = {}
+    for task, seeds in (recipe.get("seeds") or {}).items():
+        out.setdefault(task, set()).update(int(s) for s in seeds)
+    offset = int(recipe.get("seed_offset") or 0)
+    for task, tried in (recipe.get("tried") or {}).items():
+        out.setdefault(task, set()).update(range(offset, offset + int(tried)))
+    source = metadata.get("source")
+    if source:
+        log = Path(source) / (recipe.get("episodes_file") or "meta/damvla_episodes.jsonl")
+        if log.is_file():
+            for line in log.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    out.setdefault(str(r["task"]), set()).add(int(r["seed"]))
+    return out
+
+
+def check_checkpoint(policy: Any, tasks: list[str], camera: str | None, resolution: int | None) -> EnvSetup:
+    """Everything that must agree between a checkpoint and the Meta-World envs; raises ``ValueError``
+    naming the field that disagrees. Returns the env settings to use (the training data's camera and
+    resolution unless overridden consistently)."""
+    from damvla.envs.base import ACTION_DIM, GRIPPER_INDEX
+    from damvla.envs.metaworld import DEFAULT_CAMERA, DEFAULT_RESOLUTION, SIMULATOR, action_mapping_from_dict
+
+    cfg, meta = policy.config, policy.metadata
+    where = "checkpoint config.json"
+    if cfg.action_dim != ACTION_DIM:
+        raise ValueError(
+            f"{where}: action_dim={cfg.action_dim}, but Meta-World envs take {ACTION_DIM}-D actions"
+        )
+    if cfg.gripper_index != GRIPPER_INDEX:
+        raise ValueError(
+            f"{where}: gripper_index={cfg.gripper_index}, but the env's gripper is dimension {GRIPPER_INDEX}"
+        )
+    if policy.image_key != CAMERA_KEY:
+        raise ValueError(
+            f"{where}: the policy reads {policy.image_key!r} (vision.camera={cfg.vision.camera!r}); the "
+            f"evaluation envs provide one camera as {CAMERA_KEY!r}"
+        )
+    keys = meta.get("camera_keys")
+    if keys is not None and list(keys) != [CAMERA_KEY]:
+        raise ValueError(
+            f"checkpoint metadata.json: camera_keys={keys}, but the envs provide [{CAMERA_KEY!r}]"
+        )
+    dam = meta.get("damvla") or {}
+    mapping = dam.get("action_mapping")
+    if not mapping:
+        raise ValueError(
+            "checkpoint metadata.json has no damvla.action_mapping: cannot map the policy's 7-D actions to "
+            "Meta-World's native actions (train on a dataset made by `damvla collect metaworld`, or add "
+            "the mapping of envs.metaworld.dataset_action_mapping to metadata.json)"
+        )
+    if mapping.get("type") != SIMULATOR:
+        raise ValueError(
+            f"checkpoint metadata.json: action_mapping type {mapping.get('type')!r} does not match the "
+            f"environment {SIMULATOR!r}"
+        )
+    if int(mapping.get("gripper_index", GRIPPER_INDEX)) != GRIPPER_INDEX:
+        raise ValueError(
+            f"checkpoint metadata.json: action_mapping.gripper_index={mapping.get('gripper_index')}, env uses {GRIPPER_INDEX}"
+        )
+    for task in tasks:  # raises for tasks the mapping has no closing effort for
+        try:
+            action_mapping_from_dict(mapping, task)
+        except ValueError as e:
+            raise ValueError(f"checkpoint metadata.json: {e}") from e
+    recipe = dam.get("recipe") or {}
+    trained_camera, trained_res = recipe.get("camera"), recipe.get("resolution")
+    if camera is not None and trained_camera is not None and camera != trained_camera:
+        raise ValueError(
+            f"--camera {camera!r} differs from the camera the checkpoint was trained on ({trained_camera!r}, "
+            "metadata.json damvla.recipe.camera)"
+        )
+    if resolution is not None and trained_res is not None and int(resolution) != int(trained_res):
+        raise ValueError(
+            f"--resolution {resolution} differs from the training data's resolution ({trained_res}, "
+            "metadata.json damvla.recipe.resolution)"
+        )
+    return EnvSetup(
+        action_mapping=dict(mapping),
+        camera=camera or trained_camera or DEFAULT_CAMERA,
+        resolution=int(resolution or trained_res or DEFAULT_RESOLUTION),
+        training_seeds=training_seeds(meta),
+        sigma_lead=float(meta.get("sigma_lead") or cfg.weighting.sigma_lead),
+        sigma_trail=float(meta.get("sigma_trail") or cfg.weighting.sigma_trail),
+    )
+
+
+# ---- initial states ------------------------------------------------------------------------------
+def sample_initial_states(tasks: list[str], episodes: int, offset: int = 0) -> list[Any]:
+    """``episodes`` initial states per task from the eval pool, tasks in order (no rendering)."""
+    from damvla.envs.metaworld import MetaWorldEnv, initial_state_seeds
+
+    seeds = initial_state_seeds("eval", episodes, offset)
+    states = []
+    for task in tasks:
+        env = MetaWorldEnv(task, render=False)
+        try:
+            states.extend(env.sample_initial_state(s) for s in seeds)
+        finally:
+            env.close()
+    return states
+
+
+def read_initial_states(path: Path, tasks: list[str], episodes: int) -> list[Any]:
+    """The first ``episodes`` states per task from an ``initial_states.jsonl`` of an earlier run."""
+    from damvla.envs.base import InitialState
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--initial-states {path} does not exist")
+    by_task: dict[str, list[InitialState]] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                s = InitialState.from_json(line)
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{path}:{n}: not an initial state ({e})") from e
+            by_task.setdefault(s.task, []).append(s)
+    out = []
+    for task in tasks:
+        have = by_task.get(task, [])
+        if len(have) < episodes:
+            raise ValueError(f"{path}: {len(have)} initial states for {task}, --episodes asks for {episodes}")
+        out.extend(have[:episodes])
+    return out
+
+
+def check_disjoint(states: list[Any], train: dict[str, set[int]]) -> None:
+    """Refuse evaluation states whose seed a training episode of the same task used or tried."""
+    from damvla.envs.metaworld import EVAL_SEED_OFFSET
+
+    clash = [s.key for s in states if s.seed in train.get(s.task, set())]
+    if clash:
+        raise ValueError(
+            f"{len(clash)} evaluation initial states were used in training (per the checkpoint's metadata), "
+            f"e.g. {clash[:3]}; evaluate on the eval pool (seeds >= {EVAL_SEED_OFFSET})"
+        )
+    low = [s.key for s in states if s.seed < EVAL_SEED_OFFSET]
+    if low:
+        raise ValueError(f"initial states {low[:3]} are from the training seed pool (< {EVAL_SEED_OFFSET})")
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+def versions() -> dict[str, Any]:
+    """Versions of everything that changes results, and the git commit of the damvla source."""
+    from importlib import metadata
+
+    import torch
+
+    import damvla
+
+    out: dict[str, Any] = {"damvla": damvla.__version__, "python": platform.python_version()}
+    for pkg in ("torch", "numpy", "mujoco", "metaworld", "gymnasium", "diffusers", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    out["cuda"] = torch.version.cuda
+    out["platform"] = platform.platform()
+    root = Path(damvla.__file__).resolve().parents[2]
+    out["git_commit"], out["git_dirty"] = None, None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0:
+            out["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            out["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass  # no git: provenance is the version number alone
+    return out
+
+
+def canonical_command(opts: EvalOptions) -> str:
+    """The run as one fully explicit command line (defaults spelled out), reproducing it exactly."""
+    parts = ["damvla", "eval"]
+    if opts.policy == "checkpoint" and opts.checkpoint:
+        parts.append(str(opts.checkpoint))
+    parts += [
+        "--policy",
+        opts.policy,
+        "--suite",
+        opts.suite,
+        "--episodes",
+        str(opts.episodes),
+        "--out",
+        str(opts.out),
+    ]
+    parts += ["--workers", str(opts.workers), "--seed", str(opts.seed), "--videos", str(opts.videos)]
+    parts += ["--plots", str(opts.plots), "--device", opts.device]
+    if opts.threads is not None:
+        parts += ["--threads", str(opts.threads)]
+    optional = {
+        "--max-steps": opts.max_steps,
+        "--execution": opts.execution,
+        "--execute-steps": opts.execute_steps,
+        "--ensemble-horizon": opts.ensemble_horizon,
+        "--state-offset": opts.state_offset or None,
+        "--initial-states": opts.initial_states,
+        "--camera": opts.camera,
+        "--resolution": opts.resolution,
+        "--append-results": opts.append_results,
+        "--title": opts.title,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+# ---- the run -------------------------------------------------------------------------------------
+def _default_title(opts: EvalOptions, policy: Any) -> str:
+    if opts.policy == "checkpoint":
+        name = Path(str(opts.checkpoint)).resolve().name
+        return f"{name} ({policy.config.name}) on {opts.suite}, {opts.episodes} episodes per task"
+    label = {"expert": "Scripted expert", "random": "Random policy"}[opts.policy]
+    return f"{label} on {opts.suite}, {opts.episodes} episodes per task"
+
+
+def _policy_and_env(opts: EvalOptions, tasks: list[str]) -> tuple[Any, EnvSetup]:
+    """Load and check the checkpoint (or set up expert / random); no env process is started yet."""
+    from damvla.envs.metaworld import DEFAULT_CAMERA, DEFAULT_RESOLUTION, dataset_action_mapping
+
+    if opts.policy != "checkpoint":
+        setup = EnvSetup(
+            dataset_action_mapping(tasks),
+            opts.camera or DEFAULT_CAMERA,
+            int(opts.resolution or DEFAULT_RESOLUTION),
+        )
+        return None, setup
+    import torch
+
+    from damvla.model.policy import DAMVLAPolicy
+
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {opts.device}: CUDA is not available (torch {torch.__version__})")
+    if opts.threads is not None:
+        # On a busy CPU one thread is often faster for a small model (no spin-waiting on taken cores).
+        torch.set_num_threads(opts.threads)
+    policy = DAMVLAPolicy.from_pretrained(opts.checkpoint, device=opts.device)
+    return policy, check_checkpoint(policy, tasks, opts.camera, opts.resolution)
+
+
+def _make_executor(opts: EvalOptions, policy: Any, keys: list[str], tasks_of: list[str]) -> Any:
+    from damvla.evaluation.executors import CheckpointExecutor, ExpertExecutor, RandomExecutor
+
+    if opts.policy == "expert":
+        return ExpertExecutor(keys, tasks_of, opts.seed)
+    if opts.policy == "random":
+        return RandomExecutor(keys, opts.seed)
+    inference = policy.config.inference
+    overrides = {
+        "execution": opts.execution,
+        "execute_steps": opts.execute_steps,
+        "ensemble_horizon": opts.ensemble_horizon,
+    }
+    inference = replace(inference, **{k: v for k, v in overrides.items() if v is not None})
+    return CheckpointExecutor(policy, keys, opts.seed, inference)
+
+
+def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str, Any]:
+    """Run the evaluation of ``opts`` and write the output folder; returns the ``results.json`` dict."""
+    import damvla.envs  # noqa: F401  (MUJOCO_GL=egl before mujoco is imported)
+    from damvla.envs.metaworld import resolve_suite
+    from damvla.envs.rollout import RolloutSpec, rollout
+    from damvla.evaluation import report
+    from damvla.evaluation.stats import EpisodeRecord, summarize
+
+    opts.validate()
+    tasks = resolve_suite(opts.suite)
+    policy, setup = _policy_and_env(opts, tasks)
+    if opts.initial_states is not None:
+        states = read_initial_states(Path(opts.initial_states), tasks, opts.episodes)
+    else:
+        states = sample_initial_states(tasks, opts.episodes, opts.state_offset)
+    check_disjoint(states, setup.training_seeds)
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = canonical_command(opts)
+    (out / "command.txt").write_text(
+        command + "\n" + (f"# invoked as: {shlex.join(invoked_as)}\n" if invoked_as else "")
+    )
+    vers = versions()
+    (out / "versions.json").write_text(json.dumps(vers, indent=2) + "\n")
+    (out / "initial_states.jsonl").write_text("".join(s.to_json() + "\n" for s in states))
+
+    per_task_index = {t: 0 for t in tasks}
+    specs = []
+    for s in states:
+        k = per_task_index[s.task]
+        per_task_index[s.task] += 1
+        specs.append(
+            RolloutSpec(
+                s.task,
+                s,
+                camera=setup.camera,
+                resolution=setup.resolution,
+                max_steps=opts.max_steps,
+                action_mapping=setup.action_mapping,
+                record_frames=k < opts.videos,
+                # Expert and random never look at the image: render only the episodes filmed.
+                render=opts.policy == "checkpoint" or k < opts.videos,
+            )
+        )
+    keys = [s.initial_state.key for s in specs]
+    executor = _make_executor(opts, policy, keys, [s.task for s in specs])
+
+    bar = None
+    if opts.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(specs), desc=f"eval {opts.policy}", unit="ep", file=sys.stderr)
+    succ = [0]
+
+    def progress(res: Any) -> None:
+        succ[0] += int(res.success)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(success=f"{succ[0]}/{bar.n}")
+
+    t0 = time.perf_counter()
+    try:
+        results = rollout(
+            executor,
+            specs,
+            num_workers=opts.workers,
+            progress=progress,
+            privileged=executor.needs_privileged,
+            timeout_s=opts.timeout,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - t0
+
+    episodes = _postprocess(opts, setup, specs, results, executor, out)
+    records = [
+        EpisodeRecord(e["task"], e["success"], e["steps"], e["error"], e["policy_seconds"], e["env_seconds"])
+        for e in episodes
+    ]
+    summary = summarize(records, tasks)
+    total_steps = sum(r.steps for r in records)
+    cfg = {
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "progress"},
+        "tasks": tasks,
+        "camera": setup.camera,
+        "resolution": setup.resolution,
+        "initial_states": "initial_states.jsonl",
+    }
+    if opts.policy == "checkpoint":
+        inf = executor.inference
+        cfg.update(
+            execution=inf.execution,
+            execute_steps=inf.execute_steps,
+            ensemble_horizon=inf.ensemble_horizon,
+            routing=inf.routing,
+            preset=policy.config.name,
+            ablation=asdict(policy.config.ablation),
+            checkpoint=str(Path(opts.checkpoint).resolve()),
+        )
+    else:
+        cfg.update(execution=None, execute_steps=None, ensemble_horizon=None)
+    results_doc: dict[str, Any] = {
+        "command": command,
+        "config": cfg,
+        "seeds": {
+            "noise_seed": opts.seed,
+            "noise": "one torch/numpy generator per episode, seeded from (seed, episode key)",
+            "initial_state_seeds": {t: [s.seed for s in states if s.task == t] for t in tasks},
+        },
+        "tasks": summary["tasks"],
+        "overall": summary["overall"],
+        "timing": {
+            "wall_seconds": wall,
+            "env_steps": total_steps,
+            "env_steps_per_s_wall": total_steps / wall if wall > 0 else 0.0,
+            "policy_calls": executor.calls,
+        },
+        "versions": vers,
+        "episodes": [{k: v for k, v in e.items() if k not in ("log",)} for e in episodes],
+    }
+    title = opts.title or _default_title(opts, policy)
+    report.write_results(out, results_doc, title)
+    if opts.append_results is not None:
+        report.append_section(opts.append_results, title, report.render_markdown(results_doc, title))
+    return results_doc
+
+
+def _postprocess(
+    opts: EvalOptions,
+    setup: EnvSetup,
+    specs: list[Any],
+    results: list[Any],
+    executor: Any,
+    out: Path,
+) -> list[dict[str, Any]]:
+    """Per-episode records, ``episodes.jsonl``, videos and router plots."""
+    from damvla.evaluation.executors import EpisodeLog
+    from damvla.evaluation.phases import ExpertReplay, executed_labels
+    from damvla.evaluation.plots import plot_router
+    from damvla.evaluation.video import annotate_frames, write_mp4
+
+    by_key = {r.key: r for r in results}
+    # The expert replay runs to its own end (task time limit), not to --max-steps: the plot shows the
+    # demonstration's whole phase sequence next to however far the policy got.
+    replay = ExpertReplay() if opts.policy != "expert" and opts.plots != 0 else None
+    episodes: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    try:
+        with (out / "episodes.jsonl").open("w") as f:
+            for i, spec in enumerate(specs):
+                st = spec.initial_state
+                k = seen.get(spec.task, 0)
+                seen[spec.task] = k + 1
+                res = by_key.get(st.key)
+                log = executor.logs.get(i, EpisodeLog())
+                steps = res.steps if res is not None else 0
+                # The last logged action of a failed step was never executed: trim to executed steps.
+                n = min(steps, len(log.gripper))
+                grip = np.asarray(log.gripper[:n])
+                w = np.asarray(log.router_weight[:n], dtype=np.float64)
+                labels = executed_labels(grip, setup.sigma_lead, setup.sigma_trail)
+                ep: dict[str, Any] = {
+                    "task": spec.task,
+                    "seed": st.seed,
+                    "key": st.key,
+                    "success": bool(res.success) if res is not None else False,
+                    "steps": steps,
+                    "error": res.error if res is not None else "no result",
+                    "policy_seconds": log.policy_seconds,
+                    "env_seconds": res.env_seconds if res is not None else 0.0,
+                    "gripper_flips": int(np.count_nonzero(np.diff(grip))) if n > 1 else 0,
+                    "router_weight_mean": float(np.nanmean(w)) if n and np.isfinite(w).any() else None,
+                    "gripper_head_fraction": float(np.mean(np.asarray(log.head[:n]) == 1)) if n else None,
+                    "video": None,
+                    "plot": None,
+                }
+                name = f"{spec.task}/seed-{st.seed}"
+                if res is not None and res.frames is not None and len(res.frames) and k < opts.videos:
+                    m = min(len(res.frames), n) if n else len(res.frames)
+                    frames = annotate_frames(
+                        res.frames[:m],
+                        w[:m] if n else np.full(m, np.nan),
+                        grip[:m] if n else np.ones(m),
+                        label=f"{spec.task} seed {st.seed} {'success' if ep['success'] else 'fail'}",
+                    )
+                    ep["video"] = str(
+                        write_mp4(out / "videos" / f"{name}.mp4", frames, VIDEO_FPS).relative_to(out)
+                    )
+                if opts.plots < 0 or k < opts.plots:
+                    if replay is not None:
+                        expert_grip, _ = replay.gripper_commands(st)
+                        expert_labels = executed_labels(expert_grip, setup.sigma_lead, setup.sigma_trail)
+                    else:
+                        expert_labels = labels  # the policy is the expert: same trajectory, same labels
+                    title = f"{name}: {'success' if ep['success'] else 'failure'} in {steps} steps ({opts.policy})"
+                    path = plot_router(out / "plots" / f"{name}.png", title, w, labels, expert_labels, grip)
+                    ep["plot"] = str(path.relative_to(out))
+                f.write(json.dumps({**ep, "log": log.to_dict(), "router_label": labels.tolist()}) + "\n")
+                episodes.append(ep)
+    finally:
+        if replay is not None:
+            replay.close()
+    return episodes
+
+
+# ---- command line --------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="checkpoint folder (config.json, model.safetensors, normalization.json, metadata.json); "
+        "not needed for --policy expert / random",
+    )
+    p.add_argument("--suite", required=True, help="mt10 | mt50 | grip | comma-separated task names")
+    p.add_argument("--episodes", type=int, required=True, help="episodes per task")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--policy", choices=POLICIES, default=None, help="default: checkpoint if given, else an error"
+    )
+    p.add_argument("--workers", type=int, default=2, help="env worker processes (0: in-process; default 2)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="episode time limit (default: the task's, 500)"
+    )
+    p.add_argument(
+        "--execution", choices=EXECUTIONS, default=None, help="action execution (default: checkpoint's)"
+    )
+    p.add_argument("--execute-steps", type=int, default=None, help="chunk mode: actions executed per chunk")
+    p.add_argument("--ensemble-horizon", type=int, default=None, help="ensembles: chunks averaged")
+    p.add_argument("--seed", type=int, default=0, help="diffusion-noise / random-policy seed (default 0)")
+    p.add_argument("--state-offset", type=int, default=0, help="first index into the eval initial-state pool")
+    p.add_argument(
+        "--initial-states", type=Path, default=None, help="initial_states.jsonl of an earlier run to replay"
+    )
+    p.add_argument(
+        "--videos", type=int, default=1, help="mp4 videos of the first K episodes per task (default 1)"
+    )
+    p.add_argument(
+        "--plots", type=int, default=-1, help="router plots of the first K episodes per task (-1: all)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (policy inference)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads for inference (default: torch's)"
+    )
+    p.add_argument("--camera", default=None, help="env camera (default: the checkpoint's training camera)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="env image size (default: the training data's)"
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a worker may take per reset / step")
+    p.add_argument(
+        "--append-results", type=Path, default=None, help="write the report as a section of this page"
+    )
+    p.add_argument("--title", default=None, help="report / section title (default: policy, suite, episodes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    policy = args.policy or ("checkpoint" if args.checkpoint else None)
+    if policy is None:
+        raise ValueError("give a CHECKPOINT folder, or --policy expert / --policy random")
+    if policy != "checkpoint" and args.checkpoint:
+        print(f"damvla eval: --policy {policy} ignores the checkpoint {args.checkpoint}", file=sys.stderr)
+    return EvalOptions(
+        suite=args.suite,
+        episodes=args.episodes,
+        out=args.out,
+        checkpoint=args.checkpoint if policy == "checkpoint" else None,
+        policy=policy,
+        workers=args.workers,
+        max_steps=args.max_steps,
+        execution=args.execution,
+        execute_steps=args.execute_steps,
+        ensemble_horizon=args.ensemble_horizon,
+        seed=args.seed,
+        state_offset=args.state_offset,
+        initial_states=args.initial_states,
+        videos=args.videos,
+        plots=args.plots,
+        device=args.device,
+        threads=args.threads,
+        camera=args.camera,
+        resolution=args.resolution,
+        timeout=args.timeout,
+        append_results=args.append_results,
+        title=args.title,
+        progress=not args.no_progress,
+    ).validate()
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    res = evaluate(opts, invoked_as=["damvla", *sys.argv[1:]] if Path(sys.argv[0]).name == "damvla" else None)
+    ov = res["overall"]
+    lo, hi = ov["wilson95"]
+    for task, s in res["tasks"].items():
+        err = f", {s['errors']} errors" if s["errors"] else ""
+        print(f"{task:<32} {s['successes']:>3}/{s['episodes']:<3} {100 * s['success_rate']:5.1f}%{err}")
+    print(
+        f"average success {100 * ov['success_rate']:.1f}% ({ov['successes']}/{ov['episodes']}, Wilson 95% "
+        f"[{100 * lo:.1f}, {100 * hi:.1f}]), {ov['errors']} errors -> {opts.out / 'report.md'}"
+    )
+    return 0

@@ -1,0 +1,97 @@
+"""Success statistics: Wilson score intervals and per-task / overall summaries (pure Python + numpy)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion, ``(lo, hi)`` within [0, 1].
+
+    Unlike the normal ("Wald") interval it stays inside [0, 1] and does not collapse to a point at
+    0/n or n/n, which matters at the 10-50 episodes per task benchmarks use. ``n == 0`` gives (0, 1).
+    """
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 the exact bound is 0 or 1; float round-off would leave the rate just outside.
+    return (0.0 if successes == 0 else lo), (1.0 if successes == n else hi)
+
+
+@dataclass
+class EpisodeRecord:
+    """What the summary needs of one episode (``steps``: env steps taken; ``error``: None if it ran)."""
+
+    task: str
+    success: bool
+    steps: int
+    error: str | None = None
+    policy_seconds: float = 0.0  # this episode's share of the batched policy calls
+    env_seconds: float = 0.0  # time inside env.step (simulation + rendering)
+
+
+def _rate(x: float, n: float) -> float | None:
+    return x / n if n > 0 else None
+
+
+def summarize_task(episodes: Sequence[EpisodeRecord]) -> dict[str, Any]:
+    """Summary of one task's episodes. Errored episodes count as failures (conservative) and are
+    also counted in ``errors``."""
+    n = len(episodes)
+    succ = [e for e in episodes if e.success]
+    lo, hi = wilson_interval(len(succ), n)
+    steps = sum(e.steps for e in episodes)
+    policy_s = sum(e.policy_seconds for e in episodes)
+    env_s = sum(e.env_seconds for e in episodes)
+    return {
+        "success_rate": len(succ) / n if n else 0.0,
+        "successes": len(succ),
+        "episodes": n,
+        "errors": sum(e.error is not None for e in episodes),
+        "wilson95": [lo, hi],
+        "mean_steps_to_success": (sum(e.steps for e in succ) / len(succ)) if succ else None,
+        "steps": steps,
+        "policy_ms_per_step": None if steps == 0 else 1000.0 * policy_s / steps,
+        "env_steps_per_s": _rate(steps, env_s),
+    }
+
+
+def summarize(episodes: Sequence[EpisodeRecord], tasks: Sequence[str]) -> dict[str, Any]:
+    """``{"tasks": {task: summary}, "overall": {...}}``, tasks in the given order.
+
+    ``overall.success_rate`` is the unweighted mean of the per-task rates (the MT10/MT50 convention);
+    its ``wilson95`` is the interval of the pooled counts, which equals that mean when every task has
+    the same number of episodes (the ``damvla eval`` protocol).
+    """
+    per_task = {t: summarize_task([e for e in episodes if e.task == t]) for t in tasks}
+    n = sum(s["episodes"] for s in per_task.values())
+    k = sum(s["successes"] for s in per_task.values())
+    lo, hi = wilson_interval(k, n)
+    steps = sum(e.steps for e in episodes)
+    succ = [e for e in episodes if e.success]
+    rates = [s["success_rate"] for s in per_task.values() if s["episodes"]]
+    overall = {
+        "success_rate": sum(rates) / len(rates) if rates else 0.0,
+        "successes": k,
+        "episodes": n,
+        "errors": sum(s["errors"] for s in per_task.values()),
+        "wilson95": [lo, hi],
+        "mean_steps_to_success": (sum(e.steps for e in succ) / len(succ)) if succ else None,
+        "steps": steps,
+        "policy_ms_per_step": None
+        if steps == 0
+        else 1000.0 * sum(e.policy_seconds for e in episodes) / steps,
+        "env_steps_per_s": _rate(steps, sum(e.env_seconds for e in episodes)),
+    }
+    return {"tasks": per_task, "overall": overall}
