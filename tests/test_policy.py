@@ -239,3 +239,12 @@ def test_paper_preset_parameter_count_on_the_meta_device():
     assert 88e6 < counts["head.arm"] < 91e6 and 88e6 < counts["head.gripper"] < 91e6  # two DiT-B
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     assert 7.5e9 < counts["total"] < 7.6e9
+
+
+def test_a_run_folder_or_latest_pointer_resolves_to_its_checkpoint(tiny_policy, tmp_path):
+    p = tiny_policy("cogact")
+    ckpts = tmp_path / "run" / "checkpoints"
+    p.save_pretrained(ckpts / "step-0000010")
+    (ckpts / "latest").write_text("step-0000010\n")
+    for where in (tmp_path / "run", ckpts, ckpts / "latest"):
+        assert DAMVLAPolicy.from_pretrained(where).config == p.config

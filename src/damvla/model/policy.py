@@ -300,7 +300,9 @@ class DAMVLAPolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DAMVLAPolicy:
-        src = Path(path)
+        """Load a checkpoint folder. Also accepts a training run folder or its ``checkpoints/`` folder
+        (the checkpoint ``latest`` names) or the ``latest`` pointer file itself."""
+        src = resolve_checkpoint(path)
         if not src.is_dir():
             raise FileNotFoundError(f"checkpoint folder {src} does not exist")
         missing = [f for f in CHECKPOINT_FILES if not (src / f).is_file()]
@@ -323,3 +325,15 @@ class DAMVLAPolicy(nn.Module):
             policy.language.set_tokenizer(ByteTokenizer())
         load_into(policy, load_file(str(src / "model.safetensors")), f"{src / 'model.safetensors'}")
         return policy.to(device)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A policy folder from a policy folder, a run folder, a ``checkpoints/`` folder or a ``latest`` file."""
+    p = Path(path)
+    if p.is_file() and p.name == "latest":
+        return p.parent / p.read_text().strip()
+    if p.is_dir() and not (p / "config.json").exists():
+        for pointer in (p / "latest", p / "checkpoints" / "latest"):
+            if pointer.is_file():
+                return pointer.parent / pointer.read_text().strip()
+    return p
