@@ -24,6 +24,15 @@ def make_batch(cfg, b=3, seed=0, pad_from=12):
 
 
 @pytest.fixture
+def one_thread():
+    """Small ops on 2 shared cores: one intra-op thread is several times faster and fully deterministic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_policy():
     def build(ablation="damvla", **overrides):
         torch.manual_seed(0)

@@ -17,13 +17,7 @@ from damvla.normalize import ActionNormalizer
 KEYS = ["reach-v3/seed-1000000", "reach-v3/seed-1000001", "push-v3/seed-1000000"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model on a busy 2-core machine runs fastest on one thread; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_policy() -> DAMVLAPolicy:

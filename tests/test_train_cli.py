@@ -40,13 +40,7 @@ def write_dataset(root: Path, lengths: tuple[int, ...] = (12, 9, 10), action_dim
     return w.finalize()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small ops on 2 shared cores: one intra-op thread is several times faster and fully deterministic.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from damvla.model.policy import DAMVLAPolicy
 from damvla.training.checkpoint import find_checkpoint
 from test_train_cli import FAST, train, write_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

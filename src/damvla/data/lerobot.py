@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from damvla.atomic import fsync_dir, fsync_file, write_json_atomic
 from damvla.data.stats import (
     STAT_KEYS,
     aggregate_stats,
@@ -98,31 +99,6 @@ class DatasetError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # small I/O helpers
 # ---------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once its directory entry is flushed.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=4, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _load_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
@@ -550,7 +526,7 @@ class LeRobotWriter:
                     f"{self.staging}: resuming with different settings than the staged episodes ({diffs}); "
                     f"use the original settings or overwrite=True"
                 )
-        _write_json_atomic(cfg_path, {"config": self.config, "extra_info": self.extra_info})
+        write_json_atomic(cfg_path, {"config": self.config, "extra_info": self.extra_info})
         self._episodes: dict[int, dict[str, Any]] = {}
         for d in sorted((self.staging / "episodes").iterdir()):
             if d.name.startswith(".") or not d.is_dir():
@@ -641,16 +617,16 @@ class LeRobotWriter:
         tmp.mkdir()
         try:
             pq.write_table(pa.table(columns), tmp / "frames.parquet")
-            _fsync_file(tmp / "frames.parquet")
+            fsync_file(tmp / "frames.parquet")
             for name, arr in videos.items():
                 p = tmp / f"{name}.mp4"
                 encode_video(p, arr, self.config["fps"], self.config["video_codec"], self.config["video_crf"])
-                _fsync_file(p)
+                fsync_file(p)
             meta = {"episode_index": index, "key": key, "task": task, "length": t, "camera_stats": cam_stats}
-            _write_json_atomic(tmp / "episode.json", meta)
-            _fsync_dir(tmp)
+            write_json_atomic(tmp / "episode.json", meta)
+            fsync_dir(tmp)
             os.rename(tmp, self.staging / "episodes" / f"{index:06d}")  # the commit point
-            _fsync_dir(self.staging / "episodes")
+            fsync_dir(self.staging / "episodes")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -783,7 +759,7 @@ class LeRobotWriter:
         ep_path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), ep_path)
         _write_tasks(build / TASKS_PATH, list(tasks))
-        _write_json_atomic(build / STATS_PATH, stats_to_json(stats))
+        write_json_atomic(build / STATS_PATH, stats_to_json(stats))
         has_video = any(ft["dtype"] == "video" for ft in feats.values())
         info = {
             "codebase_version": CODEBASE_VERSION,
@@ -803,15 +779,15 @@ class LeRobotWriter:
         }
         for p in build.rglob("*"):
             if p.is_file():
-                _fsync_file(p)
-        _write_json_atomic(build / INFO_PATH, info)  # last: its presence marks the dataset complete
-        _fsync_dir(build / "meta")
+                fsync_file(p)
+        write_json_atomic(build / INFO_PATH, info)  # last: its presence marks the dataset complete
+        fsync_dir(build / "meta")
         if self.root.exists():
             if not self._overwrite:
                 raise FileExistsError(f"{self.root} appeared while writing; not replacing it")
             shutil.rmtree(self.root)
         os.rename(build, self.root)
-        _fsync_dir(self.root.parent)
+        fsync_dir(self.root.parent)
         self.close()
         shutil.rmtree(self.staging, ignore_errors=True)
         self._finalized = True

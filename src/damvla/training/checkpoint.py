@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from damvla.atomic import fsync_dir
 from damvla.model.policy import CHECKPOINT_FILES
 
 STATE_FILE = "training_state.pt"
@@ -38,15 +39,7 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 def is_complete(path: Path) -> bool:
@@ -74,7 +67,7 @@ def write_checkpoint(ckpt_root: Path, step: int, write_files: Callable[[Path], N
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     _write_latest(ckpt_root, final.name)
     prune(ckpt_root, keep_last)
     return final
@@ -87,7 +80,7 @@ def _write_latest(ckpt_root: Path, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_root / LATEST)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
