@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("damvla.data.check", "dataset tools: `damvla data check DIR`"),
     "train": ("damvla.train", "train a policy on a LeRobot dataset"),
     "eval": ("damvla.evaluate", "closed-loop evaluation in simulation"),
+    "compare": ("damvla.compare", "compare evaluated runs: table, difference to a baseline, training curves"),
     "serve": ("damvla.serve", "serve a checkpoint over openpi's websocket protocol"),
     "bench": ("damvla.bench", "benchmarks: `damvla bench latency`"),
 }

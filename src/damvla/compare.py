@@ -1,0 +1,211 @@
+"""`damvla compare`: one table from several `damvla eval` runs (e.g. DAM-VLA against the CogACT
+baseline), with the difference to a baseline and its 95% interval, the training curves and the router
+accuracy. Written into a results page section by the command, never by hand.
+
+    damvla compare --run damvla=eval/dam:runs/dam --run cogact=eval/cog:runs/cog --baseline cogact \\
+        --title "..." --append-results docs/results.md --figures docs/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from damvla.evaluation.report import append_section, section_id
+from damvla.evaluation.stats import wilson_interval
+
+
+@dataclass
+class Run:
+    name: str
+    eval_dir: Path
+    train_dir: Path | None
+    results: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    episodes: list[dict[str, Any]]
+
+
+def parse_run(spec: str) -> Run:
+    """``NAME=EVAL_DIR[:TRAIN_DIR]``."""
+    if "=" not in spec:
+        raise ValueError(f"--run {spec!r}: expected NAME=EVAL_DIR[:TRAIN_DIR]")
+    name, rest = spec.split("=", 1)
+    eval_s, _, train_s = rest.partition(":")
+    eval_dir = Path(eval_s)
+    res = eval_dir / "results.json"
+    if not res.is_file():
+        raise FileNotFoundError(f"--run {name}: {res} does not exist (run `damvla eval` first)")
+    results = json.loads(res.read_text())
+    eps_file = eval_dir / "episodes.jsonl"
+    episodes = [json.loads(x) for x in eps_file.read_text().splitlines() if x.strip()] if eps_file.is_file() else []
+    train_dir = Path(train_s) if train_s else None
+    metrics: list[dict[str, Any]] = []
+    if train_dir is not None:
+        mf = train_dir / "metrics.jsonl"
+        if not mf.is_file():
+            raise FileNotFoundError(f"--run {name}: {mf} does not exist (is {train_dir} a `damvla train` run?)")
+        by_step = {}
+        for line in mf.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if "step" in row and "loss" in row:
+                    by_step[row["step"]] = row  # a resumed run re-logs steps: keep the last
+        metrics = [by_step[s] for s in sorted(by_step)]
+    return Run(name, eval_dir, train_dir, results, metrics, episodes)
+
+
+def difference_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
+    """p1 - p2 with Newcombe's hybrid-score 95% interval (from the two Wilson intervals)."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1)
+    l2, u2 = wilson_interval(k2, n2)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+def closed_loop_router_agreement(episodes: list[dict[str, Any]]) -> float | None:
+    """Fraction of executed steps where the router's choice (w >= 0.5) equals the scripted expert's
+    phase label from the same initial state; None for a policy without a router."""
+    hit = total = 0
+    for ep in episodes:
+        w = (ep.get("log") or {}).get("router_weight")
+        label = ep.get("router_label")
+        if not w or not label or ep.get("gripper_head_fraction") is None:
+            continue
+        n = min(len(w), len(label))
+        hit += sum((w[i] >= 0.5) == bool(label[i]) for i in range(n))
+        total += n
+    return hit / total if total else None
+
+
+def _train_command(train_dir: Path) -> str | None:
+    latest = train_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    cfg = json.loads((train_dir / "checkpoints" / latest.read_text().strip() / "train_config.json").read_text())["train"]
+    args = ["damvla", "train", "--preset", cfg["preset"], "--dataset", cfg["dataset"], "--out", cfg["out"],
+            "--steps", str(cfg["steps"]), "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
+            "--warmup", str(cfg["warmup"]), "--schedule", cfg["schedule"], "--seed", str(cfg["seed"])]
+    if cfg.get("ablation"):
+        args += ["--ablation", cfg["ablation"]]
+    return shlex.join(args + list(cfg.get("overrides", [])))
+
+
+def _pct(k: int, n: int) -> str:
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / n:.0f}% ({k}/{n}) [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def plot_training(runs: list[Run], path: Path) -> Path | None:
+    runs = [r for r in runs if r.metrics]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for r in runs:
+        steps = [m["step"] for m in r.metrics]
+        diff = [m.get("loss_action", m.get("loss_arm", 0.0) + m.get("loss_gripper", 0.0)) for m in r.metrics]
+        a.plot(steps, diff, label=r.name)
+        if any("router_acc" in m for m in r.metrics):
+            b.plot(steps, [m.get("router_acc", float("nan")) for m in r.metrics], label=r.name)
+    a.set(xlabel="step", ylabel="diffusion loss (train)", yscale="log", title="training loss")
+    b.set(xlabel="step", ylabel="router accuracy (train batch)", title="router accuracy", ylim=(0, 1))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(runs: list[Run], baseline: str | None, title: str, figure: Path | None, page_dir: Path) -> str:
+    tasks = list(runs[0].results["tasks"])
+    for r in runs[1:]:
+        if list(r.results["tasks"]) != tasks:
+            raise ValueError(f"--run {r.name}: tasks {list(r.results['tasks'])} differ from {runs[0].name}'s {tasks}")
+    states = {r.name: (r.eval_dir / "initial_states.jsonl").read_text() if (r.eval_dir / "initial_states.jsonl").is_file() else None
+              for r in runs}
+    same_states = len({s for s in states.values()}) == 1
+    lines = [f"## {title}", ""]
+    if not same_states:
+        lines += ["**Warning: the runs were evaluated on different initial states.**", ""]
+    head = "| run | train steps | " + " | ".join(tasks) + " | average | router acc (train, last 5 logs) | router = expert phase (closed loop) |"
+    lines += [head, "|" + "---|" * (len(tasks) + 5)]
+    for r in runs:
+        steps = r.metrics[-1]["step"] if r.metrics else "?"
+        cells = [_pct(r.results["tasks"][t]["successes"], r.results["tasks"][t]["episodes"]) for t in tasks]
+        ov = r.results["overall"]
+        accs = [m["router_acc"] for m in r.metrics[-5:] if "router_acc" in m]
+        acc = f"{100 * sum(accs) / len(accs):.1f}%" if accs else "no router"
+        agree = closed_loop_router_agreement(r.episodes)
+        agree_s = f"{100 * agree:.1f}%" if agree is not None else "no router"
+        lines.append(f"| {r.name} | {steps} | " + " | ".join(cells) + f" | {_pct(ov['successes'], ov['episodes'])} | {acc} | {agree_s} |")
+    if baseline is not None:
+        base = next((r for r in runs if r.name == baseline), None)
+        if base is None:
+            raise ValueError(f"--baseline {baseline!r} is not one of the runs {[r.name for r in runs]}")
+        lines += ["", f"Difference to `{baseline}` (percentage points, Newcombe 95% interval):", ""]
+        lines += ["| run | " + " | ".join(tasks) + " | average |", "|" + "---|" * (len(tasks) + 2)]
+        for r in runs:
+            if r is base:
+                continue
+            cells = []
+            for t in tasks + ["__all__"]:
+                a = r.results["overall"] if t == "__all__" else r.results["tasks"][t]
+                b = base.results["overall"] if t == "__all__" else base.results["tasks"][t]
+                d, lo, hi = difference_interval(a["successes"], a["episodes"], b["successes"], b["episodes"])
+                cells.append(f"{100 * d:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]")
+            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    if figure is not None:
+        lines += ["", f"![training curves]({_rel(figure, page_dir)})"]
+    lines += ["", "Reproduce each row (data recipe, training, evaluation):", ""]
+    for r in runs:
+        lines.append(f"- **{r.name}**")
+        if r.train_dir is not None and (cmd := _train_command(r.train_dir)):
+            lines.append(f"  - `{cmd}`")
+        lines.append(f"  - `{r.results['command']}`")
+    lines += ["", "Success cells: rate (successes/episodes) [Wilson 95% interval]. `router = expert phase`: share of executed "
+              "steps where the router's head choice equals the scripted expert's phase label (gripper flips, "
+              "asymmetric Gaussian >= 0.5) replayed from the same initial state."]
+    return "\n".join(lines)
+
+
+def _rel(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path.resolve(), start.resolve())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", action="append", required=True, metavar="NAME=EVAL_DIR[:TRAIN_DIR]",
+                   help="an evaluated run, optionally with its training run folder (repeat)")
+    p.add_argument("--baseline", default=None, help="run name the others are compared against")
+    p.add_argument("--title", required=True, help="section title in the results page")
+    p.add_argument("--append-results", type=Path, default=None, help="results page to write the section into")
+    p.add_argument("--figures", type=Path, default=Path("docs/figures"), help="folder for the training-curve PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = [parse_run(s) for s in args.run]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--run names must be unique, got {names}")
+    figure = plot_training(runs, args.figures / f"{section_id(args.title)}.png")
+    page_dir = args.append_results.parent if args.append_results else Path.cwd()
+    md = render(runs, args.baseline, args.title, figure, page_dir)
+    print(md)
+    if args.append_results:
+        append_section(args.append_results, args.title, md)
+        print(f"\nwrote section {section_id(args.title)!r} into {args.append_results}")
+    return 0

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from damvla.cli import main
+from damvla.compare import closed_loop_router_agreement, difference_interval
+
+
+def test_difference_interval_matches_newcombes_worked_example():
+    # Newcombe (1998), method 10: 56/70 vs 48/80 -> 0.2000 [0.0524, 0.3339]
+    d, lo, hi = difference_interval(56, 70, 48, 80)
+    assert d == pytest.approx(0.2)
+    assert lo == pytest.approx(0.0524, abs=1e-4) and hi == pytest.approx(0.3339, abs=1e-4)
+
+
+def test_router_agreement_counts_steps_where_the_choice_matches_the_expert_phase():
+    eps = [{"gripper_head_fraction": 0.5, "log": {"router_weight": [0.1, 0.9, 0.7, 0.2]}, "router_label": [0, 1, 0, 0]}]
+    assert closed_loop_router_agreement(eps) == pytest.approx(0.75)
+    assert closed_loop_router_agreement([{"gripper_head_fraction": None, "log": {}}]) is None
+
+
+def _fake_eval(d, name, succ):
+    d.mkdir(parents=True)
+    tasks = {t: {"successes": k, "episodes": 4} for t, k in succ.items()}
+    total = sum(succ.values())
+    res = {"tasks": tasks, "overall": {"successes": total, "episodes": 4 * len(succ)}, "command": f"damvla eval {name}"}
+    (d / "results.json").write_text(json.dumps(res))
+    (d / "initial_states.jsonl").write_text('{"seed": 1}\n')
+
+
+def test_compare_writes_a_section_with_the_difference_to_the_baseline(tmp_path):
+    _fake_eval(tmp_path / "a", "a", {"push-v3": 3, "reach-v3": 4})
+    _fake_eval(tmp_path / "b", "b", {"push-v3": 1, "reach-v3": 4})
+    page = tmp_path / "results.md"
+    code = main(["compare", "--run", f"dam={tmp_path / 'a'}", "--run", f"base={tmp_path / 'b'}",
+                 "--baseline", "base", "--title", "A vs B", "--append-results", str(page), "--figures", str(tmp_path)])
+    assert code == 0
+    text = page.read_text()
+    assert "75% (3/4)" in text and "25% (1/4)" in text and "| dam | +50" in text
+    assert "damvla eval a" in text and "<!-- damvla-eval:begin a-vs-b -->" in text
+    with pytest.raises(SystemExit):
+        main(["compare", "--title", "x"])
+    assert main(["compare", "--run", f"x={tmp_path / 'missing'}", "--title", "t"]) == 1
