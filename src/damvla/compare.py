@@ -96,6 +96,22 @@ def _train_command(train_dir: Path) -> str | None:
     return shlex.join(args + list(cfg.get("overrides", [])))
 
 
+def _collect_command(train_dir: Path) -> str | None:
+    """The `damvla collect` command that made the run's dataset, from the dataset's own recipe."""
+    latest = train_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    meta = json.loads((train_dir / "checkpoints" / latest.read_text().strip() / "metadata.json").read_text())
+    recipe = (meta.get("damvla") or {}).get("recipe") or {}
+    if recipe.get("simulator") != "metaworld_v3":
+        return None
+    args = ["damvla", "collect", "metaworld", "--suite", recipe["suite"], "--episodes", str(recipe["episodes_per_task"]),
+            "--out", meta.get("source", "DATA"), "--camera", recipe["camera"], "--resolution", str(recipe["resolution"])]
+    if recipe.get("release"):
+        args.append("--release")
+    return shlex.join(args)
+
+
 def _pct(k: int, n: int) -> str:
     lo, hi = wilson_interval(k, n)
     return f"{100 * k / n:.0f}% ({k}/{n}) [{100 * lo:.0f}, {100 * hi:.0f}]"
@@ -172,8 +188,10 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
     lines += ["", "Reproduce each row (data recipe, training, evaluation):", ""]
     for r in runs:
         lines.append(f"- **{r.name}**")
-        if r.train_dir is not None and (cmd := _train_command(r.train_dir)):
-            lines.append(f"  - `{cmd}`")
+        if r.train_dir is not None:
+            for cmd in (_collect_command(r.train_dir), _train_command(r.train_dir)):
+                if cmd:
+                    lines.append(f"  - `{cmd}`")
         lines.append(f"  - `{r.results['command']}`")
     lines += ["", "Success cells: rate (successes/episodes) [Wilson 95% interval]. `router = expert phase`: share of executed "
               "steps where the router's head choice equals the scripted expert's phase label (gripper flips, "
