@@ -69,6 +69,9 @@ def plot_losses(jsonl: Path, png: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()] if jsonl.is_file() else []
+    # A resumed run logs the steps after its checkpoint again: keep the last record of each step.
+    rows = list({r["step"]: r for r in rows if "step" in r}.values())
+    rows.sort(key=lambda r: r["step"])
     if not rows:
         return None
     keys = [k for k in ("loss", "loss_arm", "loss_gripper", "loss_action", "loss_router", "router_acc", "lr", "grad_norm")
@@ -78,10 +81,9 @@ def plot_losses(jsonl: Path, png: Path) -> Path | None:
         pts = [(r["step"], r[k]) for r in rows if k in r]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, lw=0.8, alpha=0.4)
-        sm, acc = [], None
-        for y in ys:
-            acc = y if acc is None else 0.9 * acc + 0.1 * y
-            sm.append(acc)
+        # Centred moving average: unlike an EMA it does not lag behind the raw curve.
+        half = max(1, len(ys) // 40)
+        sm = [sum(ys[max(0, i - half) : i + half + 1]) / len(ys[max(0, i - half) : i + half + 1]) for i in range(len(ys))]
         ax.plot(xs, sm, lw=1.5)
         ax.set_ylabel(k)
         if k.startswith("loss") and min(ys) > 0:
