@@ -13,10 +13,10 @@ def test_difference_interval_matches_newcombes_worked_example():
     assert lo == pytest.approx(0.0524, abs=1e-4) and hi == pytest.approx(0.3339, abs=1e-4)
 
 
-def test_router_agreement_counts_steps_where_the_choice_matches_the_expert_phase():
+def test_router_agreement_counts_steps_where_the_choice_matches_the_executed_phase():
     eps = [{"gripper_head_fraction": 0.5, "log": {"router_weight": [0.1, 0.9, 0.7, 0.2]}, "router_label": [0, 1, 0, 0]}]
     assert closed_loop_router_agreement(eps) == pytest.approx(0.75)
-    assert closed_loop_router_agreement([{"gripper_head_fraction": None, "log": {}}]) is None
+    assert closed_loop_router_agreement([{"log": {"router_weight": [None, None]}, "router_label": [0, 1]}]) is None
 
 
 def _fake_eval(d, name, succ):
