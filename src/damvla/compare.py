@@ -185,7 +185,9 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
                 cells.append(f"{100 * d:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]")
             lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     if figure is not None:
-        lines += ["", f"![training curves]({_rel(figure, page_dir)})"]
+        lines += ["", f"![training curves]({_rel(figure, page_dir)})", "",
+                  "Training losses of runs with different ablation switches carry different weights (chunk weight "
+                  "gamma^j, trajectory weights), so their scales are not comparable; success rates are."]
     lines += ["", "Reproduce each row (data recipe, training, evaluation):", ""]
     for r in runs:
         lines.append(f"- **{r.name}**")
