@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,10 @@ def parse_run(spec: str) -> Run:
                 if "step" in row and "loss" in row:
                     by_step[row["step"]] = row  # a resumed run re-logs steps: keep the last
         metrics = [by_step[s] for s in sorted(by_step)]
+        # The run may have trained on after the evaluated checkpoint: curves and accuracies stop at it.
+        m = re.search(r"step-(\d+)", str((results.get("config") or {}).get("checkpoint", "")))
+        if m:
+            metrics = [row for row in metrics if row["step"] <= int(m.group(1))]
     return Run(name, eval_dir, train_dir, results, metrics, episodes)
 
 
@@ -84,13 +89,13 @@ def closed_loop_router_agreement(episodes: list[dict[str, Any]]) -> float | None
     return hit / total if total else None
 
 
-def _train_command(train_dir: Path) -> str | None:
+def _train_command(train_dir: Path, steps: int | None = None) -> str | None:
     latest = train_dir / "checkpoints" / "latest"
     if not latest.is_file():
         return None
     cfg = json.loads((train_dir / "checkpoints" / latest.read_text().strip() / "train_config.json").read_text())["train"]
     args = ["damvla", "train", "--preset", cfg["preset"], "--dataset", cfg["dataset"], "--out", cfg["out"],
-            "--steps", str(cfg["steps"]), "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
+            "--steps", str(steps or cfg["steps"]), "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
             "--warmup", str(cfg["warmup"]), "--schedule", cfg["schedule"], "--seed", str(cfg["seed"])]
     if cfg.get("ablation"):
         args += ["--ablation", cfg["ablation"]]
@@ -192,7 +197,8 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
     for r in runs:
         lines.append(f"- **{r.name}**")
         if r.train_dir is not None:
-            for cmd in (_collect_command(r.train_dir), _train_command(r.train_dir)):
+            steps = r.metrics[-1]["step"] if r.metrics else None
+            for cmd in (_collect_command(r.train_dir), _train_command(r.train_dir, steps)):
                 if cmd:
                     lines.append(f"  - `{cmd}`")
         lines.append(f"  - `{r.results['command']}`")
