@@ -331,11 +331,7 @@ class FastPolicy:
                 )
             else:
                 x0 = self._hard(feats, f_cog, noise, chosen)
-        actions = p.normalizer.unnormalize_actions(x0.clamp(-1, 1))  # type: ignore[union-attr]
-        if cfg.gripper_index is not None:
-            g = cfg.gripper_index
-            actions[..., g] = (actions[..., g] >= cfg.gripper_threshold).to(actions.dtype)
-        return actions, {"router_weight": w, "head": chosen}
+        return p.to_robot_actions(x0), {"router_weight": w, "head": chosen}
 
     def _hard(self, feats: VisionFeatures, f_cog: torch.Tensor, noise: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Hard routing: each sample through its chosen head only. Choosing is a host decision (one

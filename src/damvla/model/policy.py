@@ -250,12 +250,20 @@ class DAMVLAPolicy(nn.Module):
                     return (1 - ww) * arm(x, t, uncond) + ww * grip(x, t, uncond)
 
                 x0 = self.diffusion.sample(blended, noise)
-        actions = self.normalizer.unnormalize_actions(x0.clamp(-1, 1))
-        if cfg.gripper_index is not None:
-            g = cfg.gripper_index
-            actions[..., g] = (actions[..., g] >= cfg.gripper_threshold).to(actions.dtype)
+        actions = self.to_robot_actions(x0)
         if return_info:
             return actions, {"router_weight": w, "head": chosen}
+        return actions
+
+    def to_robot_actions(self, x0: torch.Tensor) -> torch.Tensor:
+        """Sampled chunks in model space (B, H, D) -> robot actions: clip to [-1, 1], un-normalise,
+        gripper >= threshold -> 1 (open) else 0."""
+        if self.normalizer is None:
+            raise ValueError("policy has no action normalisation stats (normalizer=None)")
+        actions = self.normalizer.unnormalize_actions(x0.clamp(-1, 1))
+        g = self.config.gripper_index
+        if g is not None:
+            actions[..., g] = (actions[..., g] >= self.config.gripper_threshold).to(actions.dtype)
         return actions
 
     @torch.no_grad()
