@@ -128,9 +128,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(dataset: Path, tmp_p
     assert steps == list(range(1, 21))
 
 
-def test_resume_is_exact_with_ema_lora_accumulation_and_workers(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_is_exact_with_ema_lora_accumulation_workers_and_augmentation(dataset: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:  # fmt: skip
     opts = ["--ema", "0.9", "--lora", "4", "--freeze", "vision", "--grad-accum", "2", "--batch-size", "2",
-            "--save-every", "3"]  # fmt: skip
+            "--save-every", "3", "--aug-shift", "0.1", "--aug-color", "0.2"]  # fmt: skip
     assert train(dataset, tmp_path / "straight", *opts, steps=6) == 0
     interrupt_after(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
@@ -148,8 +149,10 @@ def test_resume_is_exact_with_ema_lora_accumulation_and_workers(dataset: Path, t
 
 
 def test_gradient_accumulation_matches_one_big_batch(dataset: Path, tmp_path: Path) -> None:
-    assert train(dataset, tmp_path / "big", "--batch-size", "4", steps=2) == 0
-    assert train(dataset, tmp_path / "accum", "--batch-size", "1", "--grad-accum", "4", steps=2) == 0
+    # with augmentation on: each sample's shift and colour come from its own seed, not its batch position
+    aug = ["--aug-shift", "0.1", "--aug-color", "0.2"]
+    assert train(dataset, tmp_path / "big", "--batch-size", "4", *aug, steps=2) == 0
+    assert train(dataset, tmp_path / "accum", "--batch-size", "1", "--grad-accum", "4", *aug, steps=2) == 0
     a, b = params(find_checkpoint(tmp_path / "big")), params(find_checkpoint(tmp_path / "accum"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

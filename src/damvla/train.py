@@ -30,6 +30,7 @@ import torch
 from damvla.config import ABLATIONS, PRESETS, apply_overrides, preset
 from damvla.training import checkpoint as ckpt_io
 from damvla.training.config import FREEZE_STAGES, PARALLEL, SCHEDULES, RunConfig, TrainConfig
+from damvla.training.augment import augment_images
 from damvla.training.data import SEED_KEY, StepStream, build_dataset, draw_training
 from damvla.training.distributed import (
     DistContext,
@@ -58,6 +59,7 @@ FLAGS = {
     "keep_last": "keep_last", "num_workers": "num_workers", "seed": "seed", "wandb": "wandb",
     "parallel": "parallel", "precision": "precision", "log_every": "log_every", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "dataset": "dataset", "out": "out", "preset": "preset", "ablation": "ablation",
+    "aug_shift": "aug_shift", "aug_color": "aug_color",
 }  # fmt: skip
 # What may change when resuming without breaking "the same run" (steps: the schedule's total moves with it;
 # batch_size / grad_accum / parallel: another process count, as long as the global batch stays the same).
@@ -95,6 +97,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", choices=PARALLEL, default=None, help="with several processes: ddp (default) or fsdp (FSDP2)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None, help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--log-every", type=int, default=None, help=f"steps between log records (default {d.log_every})")
+    p.add_argument("--aug-shift", type=float, default=None, metavar="FRAC",
+                   help=f"random image shift, fraction of the side; 0 = off (default {d.aug_shift})")
+    p.add_argument("--aug-color", type=float, default=None, metavar="STRENGTH",
+                   help=f"colour jitter (brightness, contrast, saturation); 0 = off (default {d.aug_color})")
     p.add_argument("--wandb", action="store_true", default=None, help="also log to Weights & Biases (if installed)")
     p.add_argument("overrides", nargs="*", help="dotted policy-config overrides, e.g. dit.depth=4 action_dim=4")
 
@@ -238,6 +244,9 @@ class Trainer:
         self.model.train()
         for k, mb in enumerate(micro):
             seeds = mb.pop(SEED_KEY)
+            if tc.aug_shift or tc.aug_color:
+                cam = f"observation.images.{cfg.vision.camera}"
+                mb[cam] = augment_images(mb[cam], seeds, tc.aug_shift, tc.aug_color)
             draws = draw_training(seeds, r, cfg.horizon, cfg.action_dim, cfg.diffusion.train_steps, cfg.diffusion.cond_dropout)
             last = k == len(micro) - 1
             autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()

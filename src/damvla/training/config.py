@@ -48,6 +48,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 10
     wandb: bool = False
+    # Image augmentation (damvla.training.augment), drawn per sample: random shift as a fraction of the image
+    # side, and colour-jitter strength. Off by default, as in CogACT's recipe; an option for small datasets.
+    aug_shift: float = 0.0
+    aug_color: float = 0.0
 
     def validate(self) -> TrainConfig:
         errs = []
@@ -66,6 +70,8 @@ class TrainConfig:
             errs.append(f"parallel={self.parallel!r}: expected one of {PARALLEL}")
         if self.precision not in ("auto", "bf16", "fp32"):
             errs.append(f"precision={self.precision!r}: expected auto|bf16|fp32")
+        if not 0.0 <= self.aug_shift <= 0.25 or not 0.0 <= self.aug_color < 1.0:
+            errs.append(f"aug_shift={self.aug_shift} must be in [0, 0.25] and aug_color={self.aug_color} in [0, 1)")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             errs.append(f"ema={self.ema}: the decay must be in (0, 1)")
         if errs:
@@ -82,6 +88,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"train config: unknown keys {sorted(unknown)}")
         d = dict(d)
+        # Runs saved before augmentation existed trained without it; resuming them must not switch it on.
+        d.setdefault("aug_shift", 0.0)
+        d.setdefault("aug_color", 0.0)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d).validate()
