@@ -318,7 +318,7 @@ def test_serve_cli_arguments_have_safe_defaults():
     serve.add_arguments(p)
     args = p.parse_args(["ckpt"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.max_message_mb == 32.0
-    assert args.obs_map is None
+    assert args.obs_map is None and args.send_tracebacks is False
 
 
 def test_a_policy_exception_is_reported_as_text_and_the_server_keeps_serving():
@@ -332,9 +332,16 @@ def test_a_policy_exception_is_reported_as_text_and_the_server_keeps_serving():
         ws, _ = openpi_connect(srv.port)
         ws.send(openpi_pack(libero_obs(prompt="explode")))
         err = ws.recv()
-        assert isinstance(err, str) and "inference failed" in err and "CUDA out of memory" in err
+        assert isinstance(err, str) and "inference failed: RuntimeError: CUDA out of memory" in err
+        assert "Traceback" not in err and __file__ not in err  # no code or paths leak to clients
         ws.send(openpi_pack(libero_obs()))
         assert openpi_unpack(ws.recv())["actions"].shape == (16, 7)
+        ws.close()
+    with ServerThread(PolicyServer(FlakyPolicy(), port=0, send_tracebacks=True)) as srv:
+        ws, _ = openpi_connect(srv.port)
+        ws.send(openpi_pack(libero_obs(prompt="explode")))
+        err = ws.recv()
+        assert "Traceback" in err and "predict_action_chunk" in err and "CUDA out of memory" in err
         ws.close()
 
 

@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--obs-map", default=None, help="observation map as inline JSON or a JSON file (docs/serving.md)"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument(
+        "--send-tracebacks", action="store_true",
+        help="put the full traceback of an inference error in the reply, as openpi does (default: the "
+        "exception's type and message; the server log always has the traceback)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up inference at startup")
 
 
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_message_bytes=int(args.max_message_mb * 2**20),
         obs_map=obs_map,
+        send_tracebacks=args.send_tracebacks,
     )
     if args.host not in LOOPBACK and not server.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can drive the policy",

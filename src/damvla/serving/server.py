@@ -3,7 +3,7 @@
 One connection = one robot. On connect the server sends its metadata (one msgpack map); then every
 binary msgpack map it receives is an observation, answered by one msgpack map with the action chunk.
 Anything wrong with a request is answered by a *text* frame holding the error (what openpi's server
-does with its traceback, and what openpi's client raises on); the connection stays open, so a robot
+does with its traceback, and what openpi's client raises on; tracebacks only with ``send_tracebacks``); the connection stays open, so a robot
 can fix its request and carry on. Only a frame over the size limit closes the connection (websockets
 answers it with close code 1009 before reading it).
 
@@ -21,6 +21,7 @@ import hmac
 import http
 import logging
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -130,6 +131,7 @@ class PolicyServer:
         api_key: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         obs_map: ObservationMap | None = None,
+        send_tracebacks: bool = False,
     ) -> None:
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={max_message_bytes} is too small for any observation")
@@ -138,6 +140,9 @@ class PolicyServer:
         self.host, self.port = host, port
         self.api_key = api_key or None
         self.max_message_bytes = max_message_bytes
+        # openpi sends the full traceback to the client; that exposes the server's file paths and code to
+        # anyone who can connect, so here it is opt-in (the server log always has it).
+        self.send_tracebacks = send_tracebacks
         camera = self.config.vision.camera
         self.obs_map = (obs_map or ObservationMap.default(camera)).validate(camera)
         self.image_size = self.config.vision.image_size
@@ -149,6 +154,14 @@ class PolicyServer:
         self._server: Server | None = None
         self._stop: asyncio.Event | None = None
         self.ready = threading.Event()  # set once listening (``.port`` is then the real port)
+
+    def _inference_error(self) -> str:
+        """The error frame for an exception raised by the policy (call inside ``except``)."""
+        if self.send_tracebacks:
+            return "damvla serve: inference failed:\n" + traceback.format_exc()
+        e = sys.exc_info()[1]
+        return (f"damvla serve: inference failed: {type(e).__name__}: {e} "
+                "(the traceback is in the server log)")  # fmt: skip
 
     # ---- metadata ---------------------------------------------------------------------------
     def _build_metadata(self) -> dict[str, Any]:
@@ -284,10 +297,10 @@ class PolicyServer:
                     await self._send_error(ws, str(e))
                     continue
                 except Exception:
-                    # The policy failed on a valid request: report it like openpi (traceback as text),
-                    # keep serving; the next request may well succeed.
+                    # The policy failed on a valid request: report it as text, as openpi does, and keep
+                    # serving; the next request may well succeed.
                     log.exception("inference failed")
-                    await self._send_error(ws, "damvla serve: inference failed:\n" + traceback.format_exc())
+                    await self._send_error(ws, self._inference_error())
                     continue
                 reply["policy_timing"]["preprocess_ms"] = (t1 - t0) * 1e3
                 reply["server_timing"] = {"infer_ms": (time.perf_counter() - t0) * 1e3}
