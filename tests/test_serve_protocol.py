@@ -274,6 +274,32 @@ def test_healthz_answers_while_the_model_is_busy():
         ws.close()
 
 
+def test_connections_over_the_limit_are_refused_and_a_closed_one_frees_its_place():
+    with ServerThread(PolicyServer(DoublePolicy(), port=0, max_connections=2)) as srv:
+        a, _ = openpi_connect(srv.port)
+        b, _ = openpi_connect(srv.port)
+        with pytest.raises(websockets.InvalidStatus) as e:
+            openpi_connect(srv.port)
+        assert e.value.response.status_code == 503
+        b.close()
+        deadline = time.monotonic() + 10
+        while True:  # the server sees the close asynchronously
+            try:
+                c, _ = openpi_connect(srv.port)
+                break
+            except websockets.InvalidStatus:
+                assert time.monotonic() < deadline, "a closed connection never freed its place"
+                time.sleep(0.05)
+        c.send(openpi_pack(libero_obs()))
+        assert openpi_unpack(c.recv())["actions"].shape == (16, 7)
+        a.send(openpi_pack(libero_obs()))
+        assert openpi_unpack(a.recv())["actions"].shape == (16, 7)
+        a.close()
+        c.close()
+    with pytest.raises(ValueError, match="max_connections"):
+        PolicyServer(DoublePolicy(), max_connections=0)
+
+
 def test_api_key_is_required_before_the_upgrade():
     with ServerThread(PolicyServer(DoublePolicy(), port=0, api_key="s3cret")) as srv:
         for key in (None, "wrong"):

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--obs-map", default=None, help="observation map as inline JSON or a JSON file (docs/serving.md)"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--max-connections", type=int, default=16,
+                        help="open connections allowed at once; more are refused with HTTP 503 (default 16)")
     parser.add_argument(
         "--send-tracebacks", action="store_true",
         help="put the full traceback of an inference error in the reply, as openpi does (default: the "
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         max_message_bytes=int(args.max_message_mb * 2**20),
         obs_map=obs_map,
         send_tracebacks=args.send_tracebacks,
+        max_connections=args.max_connections,
     )
     if args.host not in LOOPBACK and not server.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can drive the policy",

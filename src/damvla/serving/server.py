@@ -49,6 +49,7 @@ from damvla.serving.protocol import ProtocolError, packb, unpackb
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
+DEFAULT_MAX_CONNECTIONS = 16
 MAX_ERROR_CHARS = 20_000
 # Frames buffered per connection before websockets stops reading the socket (TCP back-pressure).
 # A robot sends one request and waits; a small queue bounds a pipelining client to a few frames in memory.
@@ -132,7 +133,10 @@ class PolicyServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         obs_map: ObservationMap | None = None,
         send_tracebacks: bool = False,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections={max_connections} must be >= 1")
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={max_message_bytes} is too small for any observation")
         self.policy = policy
@@ -143,6 +147,11 @@ class PolicyServer:
         # openpi sends the full traceback to the client; that exposes the server's file paths and code to
         # anyone who can connect, so here it is opt-in (the server log always has it).
         self.send_tracebacks = send_tracebacks
+        # Each connection may hold a max-size frame queue in memory; a cap keeps a misbehaving fleet (or a
+        # scanner) from exhausting the host. Counted in the handler (an upgrade that fails after this check
+        # never reaches it), so simultaneous handshakes can overshoot the cap by their number.
+        self.max_connections = max_connections
+        self._connections = 0
         camera = self.config.vision.camera
         self.obs_map = (obs_map or ObservationMap.default(camera)).validate(camera)
         self.image_size = self.config.vision.image_size
@@ -265,6 +274,13 @@ class PolicyServer:
                 return connection.respond(
                     http.HTTPStatus.UNAUTHORIZED, "401 Unauthorized: send 'Authorization: Api-Key <key>'\n"
                 )
+        if self._connections >= self.max_connections:
+            log.warning("refused %s: %d connections open (--max-connections)", connection.remote_address,
+                        self._connections)  # fmt: skip
+            return connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"503 Service Unavailable: {self._connections} connections open, the limit is {self.max_connections}\n",
+            )
         return None
 
     async def _send_error(self, ws: ServerConnection, text: str) -> None:
@@ -276,6 +292,13 @@ class PolicyServer:
             pass
 
     async def _handler(self, ws: ServerConnection) -> None:
+        self._connections += 1
+        try:
+            await self._serve_connection(ws)
+        finally:
+            self._connections -= 1
+
+    async def _serve_connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         log.info("client connected: %s", ws.remote_address)
         prev_total_ms: float | None = None
