@@ -29,8 +29,8 @@ import torch
 
 from damvla.config import ABLATIONS, PRESETS, apply_overrides, preset
 from damvla.training import checkpoint as ckpt_io
-from damvla.training.config import FREEZE_STAGES, PARALLEL, SCHEDULES, RunConfig, TrainConfig
 from damvla.training.augment import augment_images
+from damvla.training.config import FREEZE_STAGES, PARALLEL, SCHEDULES, RunConfig, TrainConfig
 from damvla.training.data import SEED_KEY, StepStream, build_dataset, draw_training
 from damvla.training.distributed import (
     DistContext,
