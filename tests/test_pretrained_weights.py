@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Dinov2WithRegistersModel, LlamaForCausalLM, SiglipVisionModel
 
 from damvla.config import preset
@@ -25,7 +26,7 @@ def test_vision_and_llm_weights_load_from_local_folders(tmp_path):
     llm = LlamaForCausalLM(llama_config(cfg.language))
     dino.save_pretrained(tmp_path / "dino")
     sig.save_pretrained(tmp_path / "siglip")
-    llm.save_pretrained(tmp_path / "llama")
+    llm.half().save_pretrained(tmp_path / "llama")  # LLaMA-2 ships in float16
     cfg.vision.dinov2.pretrained_path = str(tmp_path / "dino")
     cfg.vision.siglip.pretrained_path = str(tmp_path / "siglip" / "model.safetensors")  # a bare file works too
     cfg.language.pretrained_path = str(tmp_path / "llama")
@@ -34,7 +35,8 @@ def test_vision_and_llm_weights_load_from_local_folders(tmp_path):
     for ours, ref in ((p.vision.dinov2, dino), (p.vision.siglip, sig), (p.language.llm, llm.model)):
         theirs = ref.state_dict()
         own = ours.state_dict()
-        assert own and all(torch.equal(v, theirs[k]) for k, v in own.items())
+        assert own and all(v.dtype == torch.float32 for v in own.values())  # the policy's dtype, not the file's
+        assert all(torch.equal(v, theirs[k].float()) for k, v in own.items())
     # The features are those of the second-to-last block, without the final norm.
     img = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size)
     feats = p.vision(img)
@@ -78,3 +80,34 @@ def test_a_local_tokenizer_folder_is_used_and_saved_with_the_checkpoint(tmp_path
     assert (tmp_path / "ckpt" / "tokenizer").is_dir()
     q = DAMVLAPolicy.from_pretrained(tmp_path / "ckpt").eval()
     assert torch.equal(q.predict_action_chunk(batch, noise=noise), a)
+
+
+def test_loading_a_checkpoint_skips_random_init_and_names_a_bad_tensor(tmp_path, monkeypatch):
+    cfg = preset("tiny")
+    cfg.dit.depth = 1
+    torch.manual_seed(0)
+    saved = DAMVLAPolicy(cfg, ActionNormalizer.identity(7), {"camera_key": "observation.images.image"})
+    saved.save_pretrained(tmp_path / "ckpt")
+    calls = []
+    for name in ("normal_", "kaiming_uniform_", "xavier_uniform_", "trunc_normal_", "uniform_"):
+        fn = getattr(torch.nn.init, name)
+        monkeypatch.setattr(torch.nn.init, name, lambda t, *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(t, *a, **k))
+    DAMVLAPolicy(cfg, ActionNormalizer.identity(7))
+    assert calls, "building a fresh policy initialises its weights"
+    calls.clear()
+    loaded = DAMVLAPolicy.from_pretrained(tmp_path / "ckpt")
+    assert calls == []  # every parameter comes from the file: no initialisation work thrown away
+    own, ref = loaded.state_dict(), saved.state_dict()
+    assert all(torch.equal(own[k], ref[k]) for k in ref)
+
+    state = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    key = next(k for k in state if k.startswith("heads."))
+    bad = dict(state)
+    bad[key] = torch.zeros(3, 3)
+    save_file(bad, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"shape mismatch.*{key}"):
+        DAMVLAPolicy.from_pretrained(tmp_path / "ckpt")
+    del bad[key]
+    save_file(bad, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"missing.*{key}"):
+        DAMVLAPolicy.from_pretrained(tmp_path / "ckpt")

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from damvla.config import LanguageConfig
 from damvla.model.tokenizer import Tokenizer, load_tokenizer
-from damvla.model.weights import load_hf_weights
+from damvla.model.weights import load_hf_model
 
 
 class Projector(nn.Module):
@@ -45,13 +45,14 @@ class LanguageBackbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.projector = Projector(vision_dim, cfg.hidden_size)
-        self.llm = LlamaModel(llama_config(cfg))
-        self._tokenizer: Tokenizer | None = None
         if load_pretrained and cfg.pretrained_path:
-            load_hf_weights(
-                self.llm, LlamaModel, llama_config(cfg), cfg.pretrained_path, "language.pretrained_path",
+            self.llm = load_hf_model(
+                LlamaModel, llama_config(cfg), cfg.pretrained_path, "language.pretrained_path",
                 allowed_unexpected=(r"^lm_head\.",),
             )
+        else:
+            self.llm = LlamaModel(llama_config(cfg))
+        self._tokenizer: Tokenizer | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:

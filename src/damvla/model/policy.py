@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from damvla import __version__
@@ -26,7 +26,7 @@ from damvla.model.loss import diffusion_losses, dual_scale_weights, router_loss
 from damvla.model.router import Router
 from damvla.model.tokenizer import ByteTokenizer, HFTokenizer
 from damvla.model.vision import DualVisionEncoder, VisionFeatures
-from damvla.model.weights import load_into
+from damvla.model.weights import load_safetensors_into, skip_init
 from damvla.normalize import ActionNormalizer
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json", "metadata.json")
@@ -326,12 +326,13 @@ class DAMVLAPolicy(nn.Module):
         config = PolicyConfig.from_dict(body)
         normalizer = ActionNormalizer.load(src / "normalization.json")
         metadata = json.loads((src / "metadata.json").read_text())
-        policy = cls(config, normalizer, metadata, load_pretrained=False)
+        with skip_init():  # every parameter comes from model.safetensors
+            policy = cls(config, normalizer, metadata, load_pretrained=False)
         if (src / "tokenizer").is_dir():
             policy.language.set_tokenizer(HFTokenizer(src / "tokenizer"))
         elif config.language.tokenizer == "byte":
             policy.language.set_tokenizer(ByteTokenizer())
-        load_into(policy, load_file(str(src / "model.safetensors")), f"{src / 'model.safetensors'}")
+        load_safetensors_into(policy, src / "model.safetensors")
         return policy.to(device)
 
 

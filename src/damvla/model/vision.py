@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from damvla.config import EncoderConfig, VisionConfig
-from damvla.model.weights import load_hf_weights
+from damvla.model.weights import load_hf_model
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -62,12 +62,28 @@ def siglip_config(e: EncoderConfig, image_size: int) -> SiglipVisionConfig:
     )
 
 
+def _encoder(model_cls: type, hf_config: object, path: str | None, source: str,
+             allowed_unexpected: tuple[str, ...]) -> nn.Module:  # fmt: skip
+    if path:
+        return load_hf_model(model_cls, hf_config, path, source, allowed_unexpected)
+    return model_cls(hf_config)
+
+
 class DualVisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig, load_pretrained: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.dinov2 = Dinov2WithRegistersModel(dinov2_config(cfg.dinov2, cfg.image_size))
-        self.siglip = SiglipVisionModel(siglip_config(cfg.siglip, cfg.image_size))
+        d, s, size = cfg.dinov2, cfg.siglip, cfg.image_size
+        # Built by transformers from the weights on disk where a path is given (no random init, one copy).
+        self.dinov2 = _encoder(
+            Dinov2WithRegistersModel, dinov2_config(d, size), d.pretrained_path if load_pretrained else None,
+            "vision.dinov2.pretrained_path", allowed_unexpected=(rf"layer\.{d.num_layers - 1}\.", r"^layernorm\."),
+        )  # fmt: skip
+        self.siglip = _encoder(
+            SiglipVisionModel, siglip_config(s, size), s.pretrained_path if load_pretrained else None,
+            "vision.siglip.pretrained_path",
+            allowed_unexpected=(rf"layers\.{s.num_layers - 1}\.", r"post_layernorm\.", r"head\."),
+        )
         # The final norms are never applied (2nd-to-last block features), so they are not parameters here.
         self.dinov2.layernorm = nn.Identity()
         self._siglip_vt.post_layernorm = nn.Identity()
@@ -75,28 +91,11 @@ class DualVisionEncoder(nn.Module):
         for name, mean, std in (("dino", IMAGENET_MEAN, IMAGENET_STD), ("siglip", SIGLIP_MEAN, SIGLIP_STD)):
             self.register_buffer(f"{name}_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
             self.register_buffer(f"{name}_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        if load_pretrained:
-            self.load_pretrained()
 
     @property
     def _siglip_vt(self) -> nn.Module:
         # transformers 5 flattened SiglipVisionModel; 4.x nests it under .vision_model.
         return getattr(self.siglip, "vision_model", self.siglip)
-
-    def load_pretrained(self) -> None:
-        """Load the encoders' weights from ``cfg.<encoder>.pretrained_path`` where given."""
-        d, s, size = self.cfg.dinov2, self.cfg.siglip, self.cfg.image_size
-        if d.pretrained_path:
-            load_hf_weights(
-                self.dinov2, Dinov2WithRegistersModel, dinov2_config(d, size), d.pretrained_path,
-                "vision.dinov2.pretrained_path", allowed_unexpected=(rf"layer\.{d.num_layers - 1}\.", r"^layernorm\."),
-            )
-        if s.pretrained_path:
-            load_hf_weights(
-                self.siglip, SiglipVisionModel, siglip_config(s, size), s.pretrained_path,
-                "vision.siglip.pretrained_path",
-                allowed_unexpected=(rf"layers\.{s.num_layers - 1}\.", r"post_layernorm\.", r"head\."),
-            )
 
     def forward(self, pixels: torch.Tensor) -> VisionFeatures:
         """pixels: (B, 3, S, S) float in [0, 1]."""

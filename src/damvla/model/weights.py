@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +38,79 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{p}: unknown weights format (expected .safetensors, .bin, .pt or a folder)")
 
 
+# torch.nn.init's in-place initialisers (the ones nn.Linear, nn.Embedding, norms and our DiT call).
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Build modules without random initialisation (their weights are left as ``torch.empty``), for models
+    whose every parameter is about to be loaded. At paper scale initialising 7.5B parameters on a CPU takes
+    minutes and is thrown away at once. Non-parameter state built in ``__init__`` (buffers such as RoPE
+    frequencies or normalisation constants) is computed as usual."""
+    import torch.nn.init as init
+
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+    hf_init = None
+    try:
+        from transformers import PreTrainedModel
+
+        hf_init = PreTrainedModel.init_weights
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = None  # type: ignore[assignment,misc]
+
+    def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(init, name, skip)
+        if hf_init is not None:
+            PreTrainedModel.init_weights = lambda self: None  # type: ignore[method-assign]
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+        if hf_init is not None:
+            PreTrainedModel.init_weights = hf_init  # type: ignore[method-assign]
+
+
+def load_safetensors_into(module: nn.Module, path: str | Path) -> None:
+    """Copy a ``.safetensors`` file into ``module`` one tensor at a time, so peak memory is the model plus
+    its largest tensor rather than twice the model. Keys and shapes are checked against the file's header
+    first; anything missing, unexpected or of another shape is an error naming the key."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    own = module.state_dict()
+    with safe_open(str(p), framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        _check_keys(own, shapes, str(p))
+        with torch.no_grad():
+            for k, dst in own.items():
+                dst.copy_(f.get_tensor(k))
+
+
+def _check_keys(own: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], source: str,
+                ignore: tuple[str, ...] = ()) -> None:  # fmt: skip
+    unexpected = [k for k in shapes if k not in own and not k.startswith(ignore)]
+    missing = [k for k in own if k not in shapes]
+    shape = [f"{k}: file {shapes[k]} vs model {tuple(own[k].shape)}"
+             for k in own if k in shapes and shapes[k] != tuple(own[k].shape)]  # fmt: skip
+    if unexpected or missing or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shape:
+            parts.append(f"shape mismatch {shape[:5]}")
+        raise ValueError(f"{source}: weights do not match the configured architecture: " + "; ".join(parts))
+
+
 def load_into(
     module: nn.Module,
     state: dict[str, torch.Tensor],
@@ -57,36 +132,24 @@ def load_into(
                 break
         mapped[k] = v
     own = module.state_dict()
-    unexpected = [k for k in mapped if k not in own and not k.startswith(ignore)]
-    missing = [k for k in own if k not in mapped]
-    shape = [f"{k}: file {tuple(mapped[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in mapped and mapped[k].shape != own[k].shape]
-    if unexpected or missing or shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if shape:
-            parts.append(f"shape mismatch {shape[:5]}")
-        raise ValueError(f"{source}: weights do not match the configured architecture: " + "; ".join(parts))
+    _check_keys(own, {k: tuple(v.shape) for k, v in mapped.items()}, source, ignore)
     module.load_state_dict({k: mapped[k] for k in own}, strict=True)
 
 
-def load_hf_weights(
-    target: nn.Module,
+def load_hf_model(
     model_cls: type,
     hf_config: object,
     path: str | Path,
     source: str,
     allowed_unexpected: tuple[str, ...] = (),
-) -> None:
-    """Load a transformers checkpoint (folder, or a bare weights file) into ``target``.
+) -> nn.Module:
+    """A ``model_cls`` of *our* architecture ``hf_config`` (e.g. a truncated ViT) with its weights from a
+    transformers checkpoint: a folder, or a bare weights file. Returned in float32, the policy's dtype.
 
-    transformers itself reads the files, so its checkpoint-format conversions (legacy key names, shards,
-    dtypes) apply. ``hf_config`` is *our* architecture (e.g. a truncated ViT); every parameter of
-    ``target`` must be found in the file, and keys the file holds beyond it must match one of
-    ``allowed_unexpected`` (regexes, e.g. the last ViT block we never run).
+    transformers itself builds the model (without random initialisation) and reads the files, so its
+    checkpoint-format conversions (legacy key names, shards, dtypes) apply and the weights are held once.
+    Every parameter must be found in the file; keys the file holds beyond the architecture must match one
+    of ``allowed_unexpected`` (regexes, e.g. the last ViT block we never run).
     """
     import re
     import tempfile
@@ -98,7 +161,7 @@ def load_hf_weights(
         folder = p
         if p.is_file():  # a bare file: give transformers a folder holding our config and that file
             folder = Path(tmp)
-            hf_config.save_pretrained(tmp)
+            hf_config.save_pretrained(tmp)  # type: ignore[attr-defined]
             (folder / ("model.safetensors" if p.suffix == ".safetensors" else "pytorch_model.bin")).symlink_to(p.resolve())
         from transformers.utils import logging as hf_logging
 
@@ -106,8 +169,8 @@ def load_hf_weights(
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            loaded, info = model_cls.from_pretrained(
-                str(folder), config=hf_config, local_files_only=True, output_loading_info=True
+            loaded, info = model_cls.from_pretrained(  # type: ignore[attr-defined]
+                str(folder), config=hf_config, local_files_only=True, output_loading_info=True, dtype=torch.float32
             )
         except (OSError, RuntimeError, ValueError) as e:
             raise ValueError(f"{source}: transformers could not load {p}: {e}") from e
@@ -123,9 +186,7 @@ def load_hf_weights(
         problems.append(f"unexpected {sorted(bad_unexpected)[:5]}")
     if problems:
         raise ValueError(f"{source}: weights in {p} do not match the configured architecture: " + "; ".join(problems))
-    state = loaded.state_dict()
-    own = target.state_dict()
-    absent = [k for k in own if k not in state]
-    if absent:
-        raise ValueError(f"{source}: weights in {p} lack {absent[:5]}")
-    target.load_state_dict({k: state[k] for k in own}, strict=True)
+    bad_dtype = sorted({str(t.dtype) for t in loaded.state_dict().values() if t.is_floating_point() and t.dtype != torch.float32})
+    if bad_dtype:  # e.g. a transformers version that ignored dtype=: fail loudly rather than train in fp16
+        raise ValueError(f"{source}: {p} loaded as {bad_dtype}, expected float32")
+    return loaded
