@@ -171,7 +171,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         from damvla.model.policy import DAMVLAPolicy
-        from damvla.model.weights import load_into
+        from damvla.model.weights import load_into, skip_init
 
         self.run, self.ctx, self.cfg, self.tc = run, ctx, run.policy, run.train
         tc, cfg = self.tc, self.cfg
@@ -182,7 +182,11 @@ class Trainer:
 
         self.dataset = build_dataset(tc.dataset, cfg)
         seed_everything(tc.seed)  # identical initial weights on every rank (FSDP2 does not broadcast them)
-        policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata)
+        if resume_from is None:
+            policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata)
+        else:
+            with skip_init():  # every weight comes from the checkpoint (pretrained backbones included)
+                policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata, load_pretrained=False)
         apply_freeze(policy, tc.freeze)
         self.lora_scaling = add_lora(policy, tc.lora, tc.lora_alpha) if tc.lora else None
         st: dict[str, Any] = {}
