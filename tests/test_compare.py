@@ -19,18 +19,22 @@ def test_router_agreement_counts_steps_where_the_choice_matches_the_executed_pha
     assert closed_loop_router_agreement([{"log": {"router_weight": [None, None]}, "router_label": [0, 1]}]) is None
 
 
-def _fake_eval(d, name, succ):
+def _fake_eval(d, name, succ, reached=None):
     d.mkdir(parents=True)
     tasks = {t: {"successes": k, "episodes": 4} for t, k in succ.items()}
     total = sum(succ.values())
     res = {"tasks": tasks, "overall": {"successes": total, "episodes": 4 * len(succ)}, "command": f"damvla eval {name}"}
+    if reached is not None:  # phase flags, as `damvla eval` writes them
+        for t, s in tasks.items():
+            s["milestones"] = {"reached": reached[t], "success": s["successes"]}
+        res["overall"]["milestones"] = {"reached": sum(reached.values()), "success": total}
     (d / "results.json").write_text(json.dumps(res))
     (d / "initial_states.jsonl").write_text('{"seed": 1}\n')
 
 
 def test_compare_writes_a_section_with_the_difference_to_the_baseline(tmp_path):
-    _fake_eval(tmp_path / "a", "a", {"push-v3": 3, "reach-v3": 4})
-    _fake_eval(tmp_path / "b", "b", {"push-v3": 1, "reach-v3": 4})
+    _fake_eval(tmp_path / "a", "a", {"push-v3": 3, "reach-v3": 4}, reached={"push-v3": 4, "reach-v3": 4})
+    _fake_eval(tmp_path / "b", "b", {"push-v3": 1, "reach-v3": 4}, reached={"push-v3": 2, "reach-v3": 3})
     page = tmp_path / "results.md"
     code = main(["compare", "--run", f"dam={tmp_path / 'a'}", "--run", f"base={tmp_path / 'b'}",
                  "--baseline", "base", "--title", "A vs B", "--append-results", str(page), "--figures", str(tmp_path)])
@@ -38,6 +42,8 @@ def test_compare_writes_a_section_with_the_difference_to_the_baseline(tmp_path):
     text = page.read_text()
     assert "75% (3/4)" in text and "25% (1/4)" in text and "| dam | +50" in text
     assert "damvla eval a" in text and "<!-- damvla-eval:begin a-vs-b -->" in text
+    assert "| dam | reached | 4/4 | 4/4 | 8/8 |" in text and "| base | reached | 2/4 | 3/4 | 5/8 |" in text
+    assert "| base | success | 1/4 | 4/4 | 5/8 |" in text
     with pytest.raises(SystemExit):
         main(["compare", "--title", "x"])
     assert main(["compare", "--run", f"x={tmp_path / 'missing'}", "--title", "t"]) == 1

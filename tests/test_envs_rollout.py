@@ -68,3 +68,20 @@ def test_rollout_counts_success_of_a_policy_that_solves_the_task():
         for e in shadow.values():
             e.close()
     assert all(r.success for r in results) and all(r.steps < 100 for r in results)
+
+
+def test_phase_flags_show_how_far_an_episode_got():
+    """The expert reaches, grasps and places; a policy that only rises reaches nothing."""
+    from damvla.envs.metaworld import MetaWorldExpert
+
+    specs = eval_specs("pick-place-v3", 1, render=False)
+    scripted = MetaWorldExpert("pick-place-v3")
+
+    def expert(batch):
+        return np.stack([scripted.act({"privileged": p}) for p in batch["privileged"]])
+
+    done = rollout(expert, specs, num_workers=0, privileged=True)
+    assert done[0].success and done[0].info["milestones"] == {"reached": True, "grasped": True}
+    up = rollout(lambda b: np.tile(np.array([0, 0, 1, 0, 0, 0, 1], np.float32), (len(b["task"]), 1)),
+                 eval_specs("pick-place-v3", 1, render=False, max_steps=40), num_workers=1)  # fmt: skip
+    assert not up[0].success and up[0].info["milestones"] == {"reached": False, "grasped": False}

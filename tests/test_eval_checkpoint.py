@@ -131,6 +131,13 @@ def test_tiny_checkpoint_eval_writes_consistent_reports_and_repeats_exactly(ckpt
             f"| {task} | {100 * s['success_rate']:.1f}% ({s['successes']}/2) |"
             in (out / "report.md").read_text()
         )
+        # phase flags: per-task counts agree with the episodes, success last, and the report shows them
+        assert list(s["milestones"]) == ["reached", "grasped", "success"]
+        assert s["milestones"]["success"] == s["successes"]
+        for name in ("reached", "grasped"):
+            assert s["milestones"][name] == sum(e["milestones"][name] for e in eps)
+        m = s["milestones"]
+        assert f"| {task} | {m['reached']}/2 | {m['grasped']}/2 | {m['success']}/2 |" in (out / "report.md").read_text()
     ov = res["overall"]
     assert ov["success_rate"] == np.mean([s["success_rate"] for s in res["tasks"].values()])
     assert res["seeds"]["initial_state_seeds"] == {t: [1_000_000, 1_000_001] for t in TASKS}

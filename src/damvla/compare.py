@@ -189,6 +189,18 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
                 d, lo, hi = difference_interval(a["successes"], a["episodes"], b["successes"], b["episodes"])
                 cells.append(f"{100 * d:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]")
             lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    if all("milestones" in r.results["overall"] for r in runs):
+        names = list(runs[0].results["overall"]["milestones"])
+        lines += ["", "Where episodes fail: episodes in which each phase flag of the simulator was ever set "
+                  "(see each eval report for the flags' meaning).", ""]  # fmt: skip
+        lines += ["| run | phase | " + " | ".join(tasks) + " | all |", "|" + "---|" * (len(tasks) + 3)]
+        for r in runs:
+            for name in names:
+                cells = [r.results["tasks"][t]["milestones"].get(name, 0) for t in tasks]
+                counts = [f"{k}/{r.results['tasks'][t]['episodes']}" for k, t in zip(cells, tasks)]
+                ov = r.results["overall"]
+                lines.append(f"| {r.name} | {name} | " + " | ".join(counts)
+                             + f" | {ov['milestones'].get(name, 0)}/{ov['episodes']} |")  # fmt: skip
     if figure is not None:
         lines += ["", f"![training curves]({_rel(figure, page_dir)})", "",
                   "Training losses of runs with different ablation switches carry different weights (chunk weight "

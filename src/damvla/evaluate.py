@@ -467,6 +467,7 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
         for e in episodes
     ]
     summary = summarize(records, tasks)
+    add_milestones(summary, episodes, tasks)
     total_steps = sum(r.steps for r in records)
     cfg = {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "progress"},
@@ -512,6 +513,20 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
     if opts.append_results is not None:
         report.append_section(opts.append_results, title, report.render_markdown(results_doc, title))
     return results_doc
+
+
+def add_milestones(summary: dict[str, Any], episodes: list[dict[str, Any]], tasks: list[str]) -> None:
+    """Per task and overall: how many episodes reached each milestone the env reports (``Env.step``), in
+    the env's order, with success last. Only where the env reports milestones."""
+    names = list(dict.fromkeys(n for e in episodes for n in e.get("milestones", {})))
+    if not names:
+        return
+    for task in tasks:
+        eps = [e for e in episodes if e["task"] == task]
+        counts = {n: sum(bool(e["milestones"].get(n)) for e in eps) for n in names}
+        summary["tasks"][task]["milestones"] = {**counts, "success": sum(bool(e["success"]) for e in eps)}
+    total = {n: sum(summary["tasks"][t]["milestones"][n] for t in tasks) for n in [*names, "success"]}
+    summary["overall"]["milestones"] = total
 
 
 def _postprocess(
@@ -560,6 +575,7 @@ def _postprocess(
                     "gripper_flips": int(np.count_nonzero(np.diff(grip))) if n > 1 else 0,
                     "router_weight_mean": float(np.nanmean(w)) if n and np.isfinite(w).any() else None,
                     "gripper_head_fraction": float(np.mean(np.asarray(log.head[:n]) == 1)) if n else None,
+                    "milestones": dict(res.info.get("milestones", {})) if res is not None else {},
                     "video": None,
                     "plot": None,
                 }

@@ -124,7 +124,9 @@ class Env(abc.ABC):
     @abc.abstractmethod
     def step(self, action7: np.ndarray) -> tuple[Observation, float, bool, dict[str, Any]]:
         """Apply one (7,) action in our layout; returns ``(obs, reward, done, info)`` with
-        ``info["success"]`` a bool."""
+        ``info["success"]`` a bool. Optionally ``info["milestones"]``: {name: bool} task-progress flags of
+        this step, in task order (e.g. reached the object, grasped it); evaluation reports how many
+        episodes got at least that far, which says in which phase a policy fails."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most simulators need nothing
         """Release renderer / simulator resources."""

@@ -472,6 +472,9 @@ class MetaWorldEnv(Env):
         self._steps += 1
         info = dict(info)
         info["success"] = bool(info["success"])
+        # Meta-World's own per-step flags: the hand within 3 cm of the object, and its grasp test (for
+        # pick tasks: the object held and lifted 2 cm). Each task defines them in its evaluate_state.
+        info["milestones"] = {"reached": bool(info.get("near_object", 0.0)), "grasped": bool(info.get("grasp_success", 0.0))}
         return self._observation(obs), float(reward), self._steps >= self.max_steps, info
 
     def _observation(self, native_obs: np.ndarray) -> Observation:

@@ -79,6 +79,7 @@ class EpisodeResult:
     ``error`` is None for an episode that ran to its end, else what went wrong (then ``success`` is
     False and ``steps`` counts the steps done before the failure). ``env_seconds``: wall time the
     worker spent inside ``env.step`` (simulation + rendering), for the steps-per-second figure.
+    ``info["milestones"]``: {name: bool}, whether the env's task-progress flag was ever set (see ``Env.step``).
     """
 
     task: str
@@ -149,7 +150,8 @@ class _EnvHost:
             t0 = time.perf_counter()
             obs, reward, done, info = self.env.step(msg[1])
             dt = time.perf_counter() - t0
-            return self._slim(obs), reward, done, {"success": bool(info["success"]), "step_s": dt}
+            flags = {str(k): bool(v) for k, v in (info.get("milestones") or {}).items()}
+            return self._slim(obs), reward, done, {"success": bool(info["success"]), "step_s": dt, "milestones": flags}
         raise ValueError(f"rollout worker: unknown request {kind!r}")
 
     def _slim(self, obs: dict[str, Any]) -> dict[str, Any]:
@@ -283,6 +285,7 @@ class _Running:
     success: bool = False
     env_seconds: float = 0.0
     frames: list[np.ndarray] = field(default_factory=list)
+    milestones: dict[str, bool] = field(default_factory=dict)  # each: reached at any step so far
 
 
 def rollout(
@@ -391,6 +394,8 @@ def rollout(
                 r.reward += float(reward)
                 r.env_seconds += float(info.get("step_s", 0.0))
                 r.success = r.success or info["success"]
+                for name, hit in info.get("milestones", {}).items():
+                    r.milestones[name] = r.milestones.get(name, False) or hit
                 if done or (r.success and r.spec.stop_on_success):
                     finish(
                         EpisodeResult(
@@ -401,6 +406,7 @@ def rollout(
                             total_reward=r.reward,
                             frames=np.stack(r.frames) if r.frames else None,
                             env_seconds=r.env_seconds,
+                            info={"milestones": dict(r.milestones)},
                         ),
                         r.spec_index,
                     )

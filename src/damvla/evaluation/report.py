@@ -75,6 +75,16 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##") ->
         "Average: unweighted mean of the task success rates; its interval is the Wilson interval of the "
         "pooled counts. Errored episodes count as failures."
     )
+    if "milestones" in ov:
+        names = list(ov["milestones"])
+        lines += ["", "Phase flags: episodes in which the simulator's own per-step flag was ever set (Meta-World: "
+                  "*reached* = `near_object`, the hand within 3 cm of the object; *grasped* = `grasp_success`, "
+                  "the object held and lifted, which pushing tasks never need).", ""]  # fmt: skip
+        lines.append("| task | " + " | ".join(names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for task, s in [*results["tasks"].items(), ("**all**", ov)]:
+            n = s["episodes"]
+            lines.append(f"| {task} | " + " | ".join(f"{s['milestones'][k]}/{n}" for k in names) + " |")
     return "\n".join(lines) + "\n"
 
 
