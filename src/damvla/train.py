@@ -249,8 +249,8 @@ class Trainer:
         for k, mb in enumerate(micro):
             seeds = mb.pop(SEED_KEY)
             if tc.aug_shift or tc.aug_color:
-                cam = f"observation.images.{cfg.vision.camera}"
-                mb[cam] = augment_images(mb[cam], seeds, tc.aug_shift, tc.aug_color)
+                key = self.policy.image_key
+                mb[key] = augment_images(mb[key], seeds, tc.aug_shift, tc.aug_color)
             draws = draw_training(seeds, r, cfg.horizon, cfg.action_dim, cfg.diffusion.train_steps, cfg.diffusion.cond_dropout)
             last = k == len(micro) - 1
             autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from damvla.config import LanguageConfig
 from damvla.model.tokenizer import Tokenizer, load_tokenizer
-from damvla.model.weights import load_hf_model
+from damvla.model.weights import build_hf_model
 
 
 class Projector(nn.Module):
@@ -45,13 +45,10 @@ class LanguageBackbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.projector = Projector(vision_dim, cfg.hidden_size)
-        if load_pretrained and cfg.pretrained_path:
-            self.llm = load_hf_model(
-                LlamaModel, llama_config(cfg), cfg.pretrained_path, "language.pretrained_path",
-                allowed_unexpected=(r"^lm_head\.",),
-            )
-        else:
-            self.llm = LlamaModel(llama_config(cfg))
+        self.llm = build_hf_model(
+            LlamaModel, llama_config(cfg), cfg.pretrained_path if load_pretrained else None,
+            "language.pretrained_path", allowed_unexpected=(r"^lm_head\.",),
+        )
         self._tokenizer: Tokenizer | None = None
 
     @property

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from damvla.config import EncoderConfig, VisionConfig
-from damvla.model.weights import load_hf_model
+from damvla.model.weights import build_hf_model
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -62,24 +62,17 @@ def siglip_config(e: EncoderConfig, image_size: int) -> SiglipVisionConfig:
     )
 
 
-def _encoder(model_cls: type, hf_config: object, path: str | None, source: str,
-             allowed_unexpected: tuple[str, ...]) -> nn.Module:  # fmt: skip
-    if path:
-        return load_hf_model(model_cls, hf_config, path, source, allowed_unexpected)
-    return model_cls(hf_config)
-
-
 class DualVisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig, load_pretrained: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         d, s, size = cfg.dinov2, cfg.siglip, cfg.image_size
         # Built by transformers from the weights on disk where a path is given (no random init, one copy).
-        self.dinov2 = _encoder(
+        self.dinov2 = build_hf_model(
             Dinov2WithRegistersModel, dinov2_config(d, size), d.pretrained_path if load_pretrained else None,
             "vision.dinov2.pretrained_path", allowed_unexpected=(rf"layer\.{d.num_layers - 1}\.", r"^layernorm\."),
         )  # fmt: skip
-        self.siglip = _encoder(
+        self.siglip = build_hf_model(
             SiglipVisionModel, siglip_config(s, size), s.pretrained_path if load_pretrained else None,
             "vision.siglip.pretrained_path",
             allowed_unexpected=(rf"layers\.{s.num_layers - 1}\.", r"post_layernorm\.", r"head\."),

@@ -51,15 +51,10 @@ def skip_init() -> Iterator[None]:
     minutes and is thrown away at once. Non-parameter state built in ``__init__`` (buffers such as RoPE
     frequencies or normalisation constants) is computed as usual."""
     import torch.nn.init as init
+    from transformers import PreTrainedModel
 
     saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
-    hf_init = None
-    try:
-        from transformers import PreTrainedModel
-
-        hf_init = PreTrainedModel.init_weights
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        PreTrainedModel = None  # type: ignore[assignment,misc]
+    hf_init = PreTrainedModel.init_weights
 
     def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         return tensor
@@ -67,14 +62,12 @@ def skip_init() -> Iterator[None]:
     try:
         for name in saved:
             setattr(init, name, skip)
-        if hf_init is not None:
-            PreTrainedModel.init_weights = lambda self: None  # type: ignore[method-assign]
+        PreTrainedModel.init_weights = lambda self: None  # type: ignore[method-assign]
         yield
     finally:
         for name, fn in saved.items():
             setattr(init, name, fn)
-        if hf_init is not None:
-            PreTrainedModel.init_weights = hf_init  # type: ignore[method-assign]
+        PreTrainedModel.init_weights = hf_init  # type: ignore[method-assign]
 
 
 def load_safetensors_into(module: nn.Module, path: str | Path) -> None:
@@ -86,8 +79,7 @@ def load_safetensors_into(module: nn.Module, path: str | Path) -> None:
     p = Path(path)
     own = module.state_dict()
     with safe_open(str(p), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         _check_keys(own, shapes, str(p))
         with torch.no_grad():
             for k, dst in own.items():
@@ -134,6 +126,15 @@ def load_into(
     own = module.state_dict()
     _check_keys(own, {k: tuple(v.shape) for k, v in mapped.items()}, source, ignore)
     module.load_state_dict({k: mapped[k] for k in own}, strict=True)
+
+
+def build_hf_model(model_cls: type, hf_config: object, path: str | Path | None, source: str,
+                   allowed_unexpected: tuple[str, ...] = ()) -> nn.Module:  # fmt: skip
+    """``model_cls(hf_config)`` freshly initialised, or, when ``path`` is given, built by transformers from
+    the weights there (:func:`load_hf_model`)."""
+    if path:
+        return load_hf_model(model_cls, hf_config, path, source, allowed_unexpected)
+    return model_cls(hf_config)  # type: ignore[operator]
 
 
 def load_hf_model(
