@@ -70,7 +70,9 @@ def bench_config(name: str, ablation: str | None = None, routing: str | None = N
     cfg = preset(name, ablation)
     cfg.language.tokenizer = "byte"
     cfg.language.pretrained_path = None
-    cfg.vision.dinov2.pretrained_path = cfg.vision.siglip.pretrained_path = None
+    cfg.vision.dinov2.pretrained_path = None
+    if cfg.vision.siglip is not None:
+        cfg.vision.siglip.pretrained_path = None
     if routing is not None:
         cfg.inference.routing = routing
     return cfg.validate()

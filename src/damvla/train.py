@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -31,7 +32,15 @@ from damvla.config import ABLATIONS, PRESETS, apply_overrides, preset
 from damvla.training import checkpoint as ckpt_io
 from damvla.training.augment import augment_images
 from damvla.training.config import FREEZE_STAGES, PARALLEL, SCHEDULES, RunConfig, TrainConfig
-from damvla.training.data import SEED_KEY, StepStream, build_dataset, draw_training
+from damvla.training.data import (
+    SEED_KEY,
+    StepStream,
+    build_dataset,
+    draw_training,
+    sample_seed,
+    split_episodes,
+    state_stats,
+)
 from damvla.training.distributed import (
     DistContext,
     grad_sync,
@@ -41,6 +50,7 @@ from damvla.training.distributed import (
     unwrap,
     wrap_model,
 )
+from damvla.training.feature_cache import CachedFeatureDataset, FeatureCache
 from damvla.training.logger import BAR_KEYS, MetricLogger, Smoother, plot_losses
 from damvla.training.model import (
     FREEZE_HELP,
@@ -59,12 +69,13 @@ FLAGS = {
     "keep_last": "keep_last", "num_workers": "num_workers", "seed": "seed", "wandb": "wandb",
     "parallel": "parallel", "precision": "precision", "log_every": "log_every", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "dataset": "dataset", "out": "out", "preset": "preset", "ablation": "ablation",
-    "aug_shift": "aug_shift", "aug_color": "aug_color",
+    "aug_shift": "aug_shift", "aug_color": "aug_color", "threads": "threads", "feature_cache": "feature_cache",
+    "val_episodes": "val_episodes", "val_every": "val_every",
 }  # fmt: skip
 # What may change when resuming without breaking "the same run" (steps: the schedule's total moves with it;
 # batch_size / grad_accum / parallel: another process count, as long as the global batch stays the same).
 RESUME_MUTABLE = {"steps", "save_every", "keep_last", "num_workers", "wandb", "log_every", "dataset", "out",
-                  "batch_size", "grad_accum", "parallel"}  # fmt: skip
+                  "batch_size", "grad_accum", "parallel", "threads", "feature_cache", "val_every"}  # fmt: skip
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,7 +103,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", type=int, default=None, metavar="R", help="LoRA rank on the LLM (peft); 0 = off")
     p.add_argument("--save-every", type=int, default=None, help=f"steps between checkpoints (default {d.save_every})")
     p.add_argument("--keep-last", type=int, default=None, help=f"checkpoints kept (default {d.keep_last})")
-    p.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers per process (default {d.num_workers})")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers per process (default: 0 on cached features or <= 4 cores, else 4)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch compute threads per process (default: the cores divided by the local processes)")
+    p.add_argument("--feature-cache", default=None, metavar="auto|off|DIR",
+                   help="frozen vision towers: cache their features once per frame (auto: $DAMVLA_FEATURE_CACHE or "
+                        "~/.cache/damvla/features; a folder; off: run them online) (default auto)")
+    p.add_argument("--val-episodes", type=int, default=None,
+                   help="hold out this many episodes for validation loss and open-loop action error (default 0)")
+    p.add_argument("--val-every", type=int, default=None, help=f"steps between validations (default {d.val_every})")
     p.add_argument("--seed", type=int, default=None, help=f"init, data order and diffusion draws (default {d.seed})")
     p.add_argument("--parallel", choices=PARALLEL, default=None, help="with several processes: ddp (default) or fsdp (FSDP2)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None, help="auto: bf16 autocast on GPU, fp32 on CPU")
@@ -170,7 +190,7 @@ class Trainer:
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        from damvla.model.policy import DAMVLAPolicy
+        from damvla.model.policy import DAMVLAPolicy, vision_referenced
         from damvla.model.weights import load_into, skip_init
 
         self.run, self.ctx, self.cfg, self.tc = run, ctx, run.policy, run.train
@@ -180,13 +200,21 @@ class Trainer:
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and ctx.device.type == "cuda")
         self.global_batch = tc.batch_size * ctx.world_size * tc.grad_accum
 
-        self.dataset = build_dataset(tc.dataset, cfg)
+        if tc.val_episodes and tc.parallel == "fsdp" and ctx.distributed:
+            raise ValueError("--val-episodes with --parallel fsdp is not supported yet (validation runs unsharded)")
+        full = build_dataset(tc.dataset, cfg)
+        train_eps, val_eps = split_episodes(full.episode_indices, tc.val_episodes)
+        self.dataset = build_dataset(tc.dataset, cfg, episodes=train_eps) if val_eps else full
+        self.val_dataset = build_dataset(tc.dataset, cfg, episodes=val_eps) if val_eps else None
         seed_everything(tc.seed)  # identical initial weights on every rank (FSDP2 does not broadcast them)
         if resume_from is None:
             policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata)
+            if cfg.state_dim:
+                policy.set_state_stats(*state_stats(full))
         else:
-            with skip_init():  # every weight comes from the checkpoint (pretrained backbones included)
-                policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata, load_pretrained=False)
+            with skip_init():  # every weight comes from the checkpoint (a referenced frozen encoder: its files)
+                policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata, load_pretrained=False,
+                                      load_vision=vision_referenced(cfg))  # fmt: skip
         apply_freeze(policy, tc.freeze)
         self.lora_scaling = add_lora(policy, tc.lora, tc.lora_alpha) if tc.lora else None
         st: dict[str, Any] = {}
@@ -194,7 +222,28 @@ class Trainer:
             st = ckpt_io.load_state(resume_from)
             # Live weights: in training_state when they differ from the exported ones (EMA / LoRA).
             live = st.pop("model", None) or load_file(str(resume_from / "model.safetensors"))
+            if vision_referenced(cfg):  # the exported file references the frozen encoder built above
+                live = {k: v for k, v in policy.state_dict().items() if k.startswith("vision.")} | live
             load_into(policy, live, f"{resume_from}")
+        # After the weights are final: the cache is keyed by the frozen tower's weights.
+        self.feature_cache: FeatureCache | None = None
+        if cfg.vision.frozen and tc.feature_cache != "off":
+            if tc.aug_shift or tc.aug_color:
+                raise ValueError("image augmentation (--aug-shift/--aug-color) needs images, but the frozen vision "
+                                 "tower's features come from the cache: pass --feature-cache off to augment")  # fmt: skip
+            cache = FeatureCache.for_policy(policy, full, None if tc.feature_cache == "auto" else tc.feature_cache)
+            if not cache.complete and ctx.is_main:
+                print(f"computing the frozen encoder's features once per frame into {cache.dir}", flush=True)
+            cache.build(policy.vision.to(ctx.device), full, progress=ctx.is_main)
+            self.feature_cache = cache
+            self.dataset = CachedFeatureDataset(self.dataset, cache)
+            if self.val_dataset is not None:
+                self.val_dataset = CachedFeatureDataset(self.val_dataset, cache)
+        if tc.block_episodes is None:  # resolved once and saved with the run, so resuming keeps the order
+            fits = len(full) * 3 * cfg.vision.image_size**2 <= full.cache_bytes
+            tc.block_episodes = self.dataset.num_episodes if (self.feature_cache or fits) else 8
+        if tc.num_workers is None:
+            tc.num_workers = 0 if (self.feature_cache or (os.cpu_count() or 1) <= 4) else 4
         self.policy = policy.to(ctx.device)
         self.report, self.counts = parameter_report(policy)
         self.model = wrap_model(self.policy, ctx, tc.parallel, self.bf16)
@@ -206,6 +255,7 @@ class Trainer:
             tc.block_episodes, pin_memory=ctx.device.type == "cuda",
         )  # fmt: skip
         self.step = 0
+        self.wall_time = 0.0  # seconds of training (all sessions of the run), logged and saved
         if resume_from is not None:
             if st["global_batch"] != self.global_batch:
                 raise ValueError(
@@ -217,6 +267,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.load_state_dict(st["ema"])
             self.step = int(st["step"])
+            self.wall_time = float(st.get("wall_time_s", 0.0))
             self.stream.seek(int(st["epoch"]), int(st["epoch_position"]))
             rngs = st["rng"]
             if len(rngs) == ctx.world_size:
@@ -288,6 +339,57 @@ class Trainer:
         return (f"step {self.step + 1}: {what} ({terms}). Training stopped; no checkpoint was written with these "
                 f"weights. Last good checkpoint: {good}. Try a lower --lr, --grad-clip, or check the data.")  # fmt: skip
 
+    # ---- validation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, max_samples: int = 256, batch_size: int = 64) -> dict[str, float]:
+        """On held-out episodes, with the EMA weights when EMA is on (what checkpoints export):
+        ``val_loss`` (the training loss, fixed draws, no condition dropout), and open-loop errors of the
+        sampled chunks over the steps a chunk executes (``inference.execute_steps``): ``val_action_mae``
+        (mean |error| of the non-gripper dimensions, robot units) and ``val_gripper_error`` (fraction of
+        wrong open/closed commands)."""
+        from torch.utils.data import default_collate
+
+        assert self.val_dataset is not None
+        cfg, tc = self.cfg, self.tc
+        policy = unwrap(self.model)
+        n = len(self.val_dataset)
+        idx = np.linspace(0, n - 1, min(n, max_samples)).round().astype(int).tolist()
+        k, g = cfg.inference.execute_steps, cfg.gripper_index
+        dims = [d for d in range(cfg.action_dim) if d != g]
+        sums = {"val_loss": 0.0, "val_action_mae": 0.0, "val_gripper_error": 0.0}
+        counts = {"loss": 0, "act": 0, "grip": 0}
+        with (self.ema.applied() if self.ema is not None else contextlib.nullcontext()):
+            policy.eval()
+            try:
+                for start in range(0, len(idx), batch_size):
+                    rows = idx[start : start + batch_size]
+                    batch = default_collate([self.val_dataset[i] for i in rows])
+                    # An epoch number training never reaches: validation draws stay apart from every training draw.
+                    seeds = torch.tensor([sample_seed(tc.seed, 2**32 - 1, i) for i in rows], dtype=torch.int64)
+                    draws = draw_training(seeds, cfg.diffusion.repeated_steps, cfg.horizon, cfg.action_dim,
+                                          cfg.diffusion.train_steps, 0.0)  # fmt: skip
+                    loss, _ = policy(batch, draws=draws)
+                    sums["val_loss"] += float(loss) * len(rows)
+                    counts["loss"] += len(rows)
+                    gen = torch.Generator().manual_seed(tc.seed)
+                    noise = torch.randn((len(rows), cfg.horizon, cfg.action_dim), generator=gen)
+                    pred = policy.predict_action_chunk(batch, noise=noise.to(self.ctx.device)).float().cpu()[:, :k]
+                    truth = torch.as_tensor(policy.normalizer.unnormalize_actions(batch["action"].double().numpy()))
+                    truth = truth.float()[:, :k]
+                    valid = ~batch["action_is_pad"][:, :k]
+                    sums["val_action_mae"] += float((pred[..., dims] - truth[..., dims]).abs().mean(-1)[valid].sum())
+                    counts["act"] += int(valid.sum())
+                    if g is not None:
+                        sums["val_gripper_error"] += float(((pred[..., g] >= 0.5) != (truth[..., g] >= 0.5))[valid].sum())
+                        counts["grip"] += int(valid.sum())
+            finally:
+                policy.train()
+        out = {"val_loss": sums["val_loss"] / max(counts["loss"], 1),
+               "val_action_mae": sums["val_action_mae"] / max(counts["act"], 1)}  # fmt: skip
+        if g is not None:
+            out["val_gripper_error"] = sums["val_gripper_error"] / max(counts["grip"], 1)
+        return out
+
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Every rank takes part (gathers); rank 0 writes. Returns the folder on rank 0."""
@@ -315,6 +417,7 @@ class Trainer:
                 "steps_per_epoch": self.stream.steps_per_epoch, "global_batch": self.global_batch,
                 "world_size": self.ctx.world_size, "optimizer": optim, "scheduler": self.sched.state_dict(),
                 "rng": rngs, "ema": None if self.ema is None else {**self.ema.state_dict(), "shadow": ema},
+                "wall_time_s": self.wall_time,
                 # the live weights, when the exported ones differ from them
                 "model": full if (self.ema is not None or self.lora_scaling is not None) else None,
             }  # fmt: skip
@@ -353,6 +456,7 @@ class Trainer:
                 logs = self.train_step(micro)
                 t2 = time.perf_counter()
                 self.step += 1
+                self.wall_time += t2 - t0
                 wait_t, comp_t = wait_t + (t1 - t0), comp_t + (t2 - t1)
                 inst = self.global_batch / max(t2 - t0, 1e-9)
                 rate = inst if rate is None else 0.9 * rate + 0.1 * inst
@@ -362,10 +466,19 @@ class Trainer:
                     bar.update(1)
                     if self.step % tc.log_every == 0 or self.step == tc.steps:
                         extra = {"samples_per_s": rate, "data_wait_frac": wait_t / max(wait_t + comp_t, 1e-9),
-                                 "epoch": float(self.stream.epoch)}  # fmt: skip
+                                 "epoch": float(self.stream.epoch), "wall_time_s": self.wall_time,
+                                 "threads": float(torch.get_num_threads())}  # fmt: skip
                         assert self.logger is not None
                         self.logger.log(self.step, logs | extra)
                         wait_t = comp_t = 0.0
+                if self.val_dataset is not None and (self.step % tc.val_every == 0 or self.step == tc.steps):
+                    t_val = time.perf_counter()
+                    val = self.validate()
+                    if ctx.is_main:
+                        assert self.logger is not None
+                        self.logger.log(self.step, val)
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items())
+                                  + f" ({time.perf_counter() - t_val:.1f} s)")  # fmt: skip
                 if self.step % tc.save_every == 0 or self.step == tc.steps:
                     path = self.save()
                     if path is not None:
@@ -394,6 +507,13 @@ class Trainer:
         self.print(self.run.to_json())
         self.print(f"dataset {tc.dataset}: {len(self.dataset)} samples in {self.dataset.num_episodes} episodes, "
                    f"{self.stream.steps_per_epoch} steps per epoch")  # fmt: skip
+        if self.val_dataset is not None:
+            self.print(f"validation: {self.val_dataset.num_episodes} held-out episodes "
+                       f"({len(self.val_dataset)} samples), every {tc.val_every} steps")  # fmt: skip
+        if self.feature_cache is not None:
+            self.print(f"frozen vision features: cache {self.feature_cache.dir}")
+        self.print(f"threads {torch.get_num_threads()}, data workers {tc.num_workers}, "
+                   f"shuffle blocks of {tc.block_episodes} episodes")  # fmt: skip
         mode = ("FSDP2" if is_fsdp(self.model) else "DDP") if ctx.distributed else "single process"
         self.print(f"devices: {ctx.world_size} x {ctx.device.type} ({mode}); precision: "
                    f"{'bf16 autocast' if self.bf16 else 'fp32'}")  # fmt: skip
@@ -409,10 +529,21 @@ class Trainer:
             self.print(f"resuming at step {self.step} (epoch {self.stream.epoch}, position {self.stream.position})")
 
 
+def set_threads(threads: int | None) -> int:
+    """Torch compute threads for this process: ``threads``, else the cores divided by the local processes
+    (so several processes on one machine never oversubscribe it)."""
+    if threads is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def run(args: argparse.Namespace) -> int:
     ctx = init_distributed()
     try:
         run_cfg, resume_from = resolve_run_config(args)
+        set_threads(run_cfg.train.threads)
         trainer = Trainer(run_cfg, resume_from, ctx)
         trainer.describe()
         return trainer.fit()

@@ -452,6 +452,10 @@ class PolicyDataset(Dataset):
         return x
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.get(i)
+
+    def get(self, i: int, image: bool = True) -> dict[str, Any]:
+        """Sample ``i``; ``image=False`` leaves the camera frame out (features come from a cache)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         i = int(i) % len(self)
@@ -460,11 +464,13 @@ class PolicyDataset(Dataset):
         steps = f + np.arange(self.horizon)
         pad = steps >= t
         rows = s + np.minimum(steps, t - 1)  # past the end: repeat the last action (LeRobot's padding)
-        img = self._episode_frames(p)[f]
-        if img.shape[-2:] != (self.image_size, self.image_size):
-            img = resize_images(img[None], self.image_size)[0]
-        return {
-            self.camera_key: img,
+        out: dict[str, Any] = {}
+        if image:
+            img = self._episode_frames(p)[f]
+            if img.shape[-2:] != (self.image_size, self.image_size):
+                img = resize_images(img[None], self.image_size)[0]
+            out[self.camera_key] = img
+        return out | {
             STATE_KEY: torch.from_numpy(self._states[s + f]),  # the contract key, whatever state_key was read
             "task": self.reader.tasks[int(self._task_index[s + f])],
             "action": torch.from_numpy(self._actions[rows]),

@@ -178,11 +178,13 @@ GRIPPER_CLOSED_EFFORT: dict[str, float] = {
 }
 GRIPPER_OPEN_EFFORT = -1.0
 
-SUITES: dict[str, list[str]] = {"mt10": MT10, "mt50": MT50, "grip": GRIP_TASKS}
+# The CPU comparison's tasks (docs/results.md): pick, push and sweep, each with a grasp.
+GRIP3 = ["pick-place-v3", "push-v3", "sweep-into-v3"]
+SUITES: dict[str, list[str]] = {"mt10": MT10, "mt50": MT50, "grip": GRIP_TASKS, "grip3": GRIP3}
 
 
 def resolve_suite(spec: str) -> list[str]:
-    """``"mt10" | "mt50" | "grip" | "task-a-v3,task-b-v3"`` -> list of task names (order kept, no
+    """``"mt10" | "mt50" | "grip" | "grip3" | "task-a-v3,task-b-v3"`` -> list of task names (order kept, no
     duplicates). The ``-v3`` suffix may be left out."""
     key = spec.strip().lower()
     if key in SUITES:

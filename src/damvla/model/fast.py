@@ -169,6 +169,11 @@ class FastPolicy:
             )
         if policy.normalizer is None:
             raise ValueError("policy has no action normalisation stats: pass normalizer= when building it")
+        if policy.config.state_dim:
+            raise NotImplementedError(
+                "FastPolicy does not pass observation.state to the action heads (state_dim > 0); "
+                "use DAMVLAPolicy.predict_action_chunk for state-conditioned policies"
+            )
         self.policy = policy.eval()
         if dtype is not None:
             policy.to(dtype)
@@ -198,7 +203,7 @@ class FastPolicy:
     @torch.no_grad()
     def vision(self, batch: dict[str, Any]) -> VisionFeatures:
         """Images of ``batch`` -> DINOv2/SigLIP features (validated as the policy does)."""
-        return self._vision(self.policy._images(batch))
+        return self.policy.complete_features(self._vision(self.policy._images(batch)))
 
     # ---- stage 2: language model ----------------------------------------------------------------
     def _prompt_ids(self, instruction: str) -> list[int]:

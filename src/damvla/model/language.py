@@ -18,12 +18,14 @@ from damvla.model.weights import build_hf_model
 
 
 class Projector(nn.Module):
-    """Prismatic's fused-GELU MLP: C -> 4C -> llm -> llm (2176 -> 8704 -> 4096 -> 4096 in the paper)."""
+    """Prismatic's fused-GELU MLP: C -> 4C -> llm -> llm (2176 -> 8704 -> 4096 -> 4096 in the paper);
+    ``hidden`` replaces the 4C width (the CPU preset: its first layer would cost more than the LLM)."""
 
-    def __init__(self, vision_dim: int, llm_dim: int) -> None:
+    def __init__(self, vision_dim: int, llm_dim: int, hidden: int | None = None) -> None:
         super().__init__()
+        hidden = hidden or 4 * vision_dim
         self.net = nn.Sequential(
-            nn.Linear(vision_dim, 4 * vision_dim), nn.GELU(), nn.Linear(4 * vision_dim, llm_dim), nn.GELU(),
+            nn.Linear(vision_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim), nn.GELU(),
             nn.Linear(llm_dim, llm_dim),
         )
 
@@ -44,7 +46,7 @@ class LanguageBackbone(nn.Module):
     def __init__(self, cfg: LanguageConfig, vision_dim: int, load_pretrained: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.projector = Projector(vision_dim, cfg.hidden_size)
+        self.projector = Projector(vision_dim, cfg.hidden_size, cfg.projector_hidden)
         self.llm = build_hf_model(
             LlamaModel, llama_config(cfg), cfg.pretrained_path if load_pretrained else None,
             "language.pretrained_path", allowed_unexpected=(r"^lm_head\.",),

@@ -25,12 +25,15 @@ from damvla.model.language import LanguageBackbone
 from damvla.model.loss import diffusion_losses, dual_scale_weights, router_loss
 from damvla.model.router import Router
 from damvla.model.tokenizer import ByteTokenizer, HFTokenizer
-from damvla.model.vision import DualVisionEncoder, VisionFeatures
-from damvla.model.weights import load_safetensors_into, skip_init
+from damvla.model.vision import FEATURE_KEYS, DualVisionEncoder, GripperQueries, VisionFeatures
+from damvla.model.weights import load_safetensors_into, skip_init, state_fingerprint
 from damvla.normalize import ActionNormalizer
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json", "metadata.json")
 ARM, GRIPPER = 0, 1
+STATE_KEY = "observation.state"
+# metadata.json entry of a checkpoint whose frozen encoder is referenced by path instead of copied.
+VISION_REFERENCE = "vision_reference"
 
 
 class DAMVLAPolicy(nn.Module):
@@ -40,7 +43,11 @@ class DAMVLAPolicy(nn.Module):
         normalizer: ActionNormalizer | None = None,
         metadata: dict[str, Any] | None = None,
         load_pretrained: bool = True,
+        load_vision: bool | None = None,
     ) -> None:
+        """``load_pretrained``: read ``*.pretrained_path`` weights (False when a checkpoint supplies every
+        weight); ``load_vision`` overrides it for the vision tower (a checkpoint that references its frozen
+        encoder instead of copying it)."""
         super().__init__()
         self.config = config.validate()
         if normalizer is not None and normalizer.dim != config.action_dim:
@@ -48,13 +55,24 @@ class DAMVLAPolicy(nn.Module):
         self.normalizer = normalizer
         self.metadata = dict(metadata or {})
         v, lang, ab = config.vision, config.language, config.ablation
-        self.vision = DualVisionEncoder(v, load_pretrained=load_pretrained)
+        self.vision = DualVisionEncoder(v, load_pretrained=load_pretrained if load_vision is None else load_vision)
+        if v.frozen:
+            self.vision.requires_grad_(False)
         self.language = LanguageBackbone(lang, v.patch_dim, load_pretrained=load_pretrained)
         d_cls = v.dinov2.hidden_size
-        r = v.dinov2.num_register_tokens
+        r = v.num_local_tokens
+        # Registers stand-in for an encoder without them (trainable, after any feature cache).
+        self.gripper_queries = (
+            GripperQueries(v.gripper_queries, d_cls) if v.gripper_queries and ab.vt else None
+        )
+        if config.state_dim:
+            # Dataset mean / std of observation.state (set by the trainer, saved with the weights).
+            self.register_buffer("state_mean", torch.zeros(config.state_dim))
+            self.register_buffer("state_std", torch.ones(config.state_dim))
+        cond_dim = lang.hidden_size + config.state_dim  # f_cog, then the normalised state
 
         def head(num_visual: int) -> DiTActionHead:
-            return DiTActionHead(config.dit, config.action_dim, config.horizon, lang.hidden_size, d_cls, num_visual)
+            return DiTActionHead(config.dit, config.action_dim, config.horizon, cond_dim, d_cls, num_visual)
 
         if ab.dam:
             # Arm head: global class token. Gripper head: local register tokens (METHOD.md §1).
@@ -103,12 +121,49 @@ class DAMVLAPolicy(nn.Module):
     def _device(self) -> torch.device:
         return self.vision.dino_mean.device
 
+    def set_state_stats(self, mean: Any, std: Any) -> None:
+        """Normalisation of ``observation.state`` (dataset mean / std; std floored at 1e-3)."""
+        if not self.config.state_dim:
+            raise ValueError("set_state_stats: the policy does not read the state (state_dim=0)")
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten().clamp_min(1e-3)
+        if mean_t.numel() != self.config.state_dim or std_t.numel() != self.config.state_dim:
+            raise ValueError(f"state stats have {mean_t.numel()} dims, config state_dim={self.config.state_dim}")
+        self.state_mean.copy_(mean_t)
+        self.state_std.copy_(std_t)
+
+    def _condition(self, f_cog: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The heads' condition vector: f_cog, plus the normalised state when ``state_dim`` > 0."""
+        s = self.config.state_dim
+        if not s:
+            return f_cog
+        if STATE_KEY not in batch:
+            raise ValueError(f"batch lacks {STATE_KEY!r}: this policy conditions on the state (state_dim={s})")
+        x = torch.as_tensor(batch[STATE_KEY]).to(f_cog.device).float()
+        if x.shape != (f_cog.shape[0], s):
+            raise ValueError(f"{STATE_KEY}: expected shape {(f_cog.shape[0], s)} (B, state_dim), got {tuple(x.shape)}")
+        return torch.cat([f_cog, ((x - self.state_mean) / self.state_std).to(f_cog.dtype)], dim=-1)
+
     # ---- the VLM -------------------------------------------------------------------------------
+    def features(self, batch: dict[str, Any]) -> VisionFeatures:
+        """The frozen-able vision features: from the images, or from a feature cache's batch keys
+        (``FEATURE_KEYS``, what ``self.vision`` returns for those images)."""
+        if FEATURE_KEYS["patches"] in batch:
+            dev = self._device()
+            return VisionFeatures(**{f: batch[k].to(dev).float() for f, k in FEATURE_KEYS.items()})
+        return self.vision(self._images(batch))
+
+    def complete_features(self, feats: VisionFeatures) -> VisionFeatures:
+        """Trainable steps after the vision tower: learned gripper queries replace the (absent) registers."""
+        if self.gripper_queries is None:
+            return feats
+        dino = feats.patches[..., : self.config.vision.dinov2.hidden_size]
+        return VisionFeatures(feats.patches, feats.cls, self.gripper_queries(dino))
+
     def encode(self, batch: dict[str, Any]) -> tuple[VisionFeatures, torch.Tensor, torch.Tensor]:
-        """Images + instructions -> (vision features, f_cog (B, h), f_rea (B, h))."""
-        images = self._images(batch)
-        feats = self.vision(images)
-        f_cog, f_rea = self.language(feats.patches, self._tasks(batch, images.shape[0]))
+        """Images (or cached features) + instructions -> (vision features, f_cog (B, h), f_rea (B, h))."""
+        feats = self.complete_features(self.features(batch))
+        f_cog, f_rea = self.language(feats.patches, self._tasks(batch, feats.patches.shape[0]))
         return feats, f_cog, f_rea
 
     def _visual_condition(self, name: str, feats: VisionFeatures) -> torch.Tensor | None:
@@ -166,7 +221,7 @@ class DAMVLAPolicy(nn.Module):
             t = draws.timesteps.to(dev).transpose(0, 1).reshape(-1)
             x_t, eps, t = self.diffusion.add_noise(x0, noise=eps, t=t)
             drop = draws.drop_cond.to(dev).transpose(0, 1).reshape(-1) if self.training else None
-        cond = f_cog.repeat(r, 1)
+        cond = self._condition(f_cog, batch).repeat(r, 1)
         preds = []
         for name, head in self.heads.items():
             vis = self._visual_condition(name, feats)
@@ -209,6 +264,7 @@ class DAMVLAPolicy(nn.Module):
             )
         feats, f_cog, _ = encoded = self.encode(batch)
         b, dev = f_cog.shape[0], f_cog.device
+        condition = self._condition(f_cog, batch)
         shape = (b, cfg.horizon, cfg.action_dim)
         if noise is None:
             noise = torch.randn(shape, device=dev, generator=generator)
@@ -219,7 +275,7 @@ class DAMVLAPolicy(nn.Module):
         def eps_fn_for(name: str, rows: torch.Tensor) -> Any:
             head = self.heads[name]
             vis = self._visual_condition(name, feats)
-            cond = f_cog[rows]
+            cond = condition[rows]
             vis = None if vis is None else vis[rows]
 
             def eps_fn(x: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -280,7 +336,8 @@ class DAMVLAPolicy(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         parts: dict[str, nn.Module | None] = {
             "vision.dinov2": self.vision.dinov2, "vision.siglip": self.vision.siglip,
-            "projector": self.language.projector, "llm": self.language.llm, "router": self.router,
+            "gripper_queries": self.gripper_queries, "projector": self.language.projector,
+            "llm": self.language.llm, "router": self.router,
         }
         for name, head in self.heads.items():
             parts[f"head.{name}"] = head
@@ -298,13 +355,24 @@ class DAMVLAPolicy(nn.Module):
         body = {"type": "damvla", "damvla_version": __version__, **self.config.to_dict()}
         (out / "config.json").write_text(json.dumps(body, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        metadata = dict(self.metadata)
+        metadata.pop(VISION_REFERENCE, None)
+        if self.vision_is_referenced():
+            # A frozen pretrained encoder is referenced (its pretrained_path + a fingerprint), not copied.
+            state = {k: v for k, v in state.items() if not k.startswith("vision.")}
+            metadata[VISION_REFERENCE] = {"fingerprint": state_fingerprint(self.vision), "note": (
+                "vision.* weights are not in model.safetensors: they are read from the config's "
+                "vision.*.pretrained_path and must match this fingerprint")}  # fmt: skip
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         self.normalizer.save(out / "normalization.json")
-        (out / "metadata.json").write_text(json.dumps(self.metadata, indent=2, default=str))
+        (out / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
         tok = self.language._tokenizer
         if isinstance(tok, HFTokenizer):
             tok.save_pretrained(out / "tokenizer")
         return out
+
+    def vision_is_referenced(self) -> bool:
+        return vision_referenced(self.config)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> DAMVLAPolicy:
@@ -326,14 +394,31 @@ class DAMVLAPolicy(nn.Module):
         config = PolicyConfig.from_dict(body)
         normalizer = ActionNormalizer.load(src / "normalization.json")
         metadata = json.loads((src / "metadata.json").read_text())
-        with skip_init():  # every parameter comes from model.safetensors
-            policy = cls(config, normalizer, metadata, load_pretrained=False)
+        ref = metadata.get(VISION_REFERENCE)
+        with skip_init():  # every parameter comes from model.safetensors (or the referenced encoder)
+            policy = cls(config, normalizer, metadata, load_pretrained=False, load_vision=ref is not None)
+        if ref is not None:
+            got = state_fingerprint(policy.vision)
+            if got != ref["fingerprint"]:
+                raise ValueError(
+                    f"checkpoint {src} was trained with a frozen encoder of fingerprint {ref['fingerprint'][:16]}..., "
+                    f"but the weights at vision.dinov2.pretrained_path={config.vision.dinov2.pretrained_path!r} "
+                    f"have {got[:16]}...: they are different weights"
+                )
         if (src / "tokenizer").is_dir():
             policy.language.set_tokenizer(HFTokenizer(src / "tokenizer"))
         elif config.language.tokenizer == "byte":
             policy.language.set_tokenizer(ByteTokenizer())
-        load_safetensors_into(policy, src / "model.safetensors")
+        load_safetensors_into(policy, src / "model.safetensors", missing_ok=("vision.",) if ref is not None else ())
         return policy.to(device)
+
+
+def vision_referenced(config: PolicyConfig) -> bool:
+    """True when checkpoints reference the vision tower instead of copying it: it is frozen and every
+    encoder comes from a ``pretrained_path`` (metadata.json then holds its fingerprint)."""
+    v = config.vision
+    encoders = [v.dinov2] + ([v.siglip] if v.siglip is not None else [])
+    return v.frozen and all(e.pretrained_path for e in encoders)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

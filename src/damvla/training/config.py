@@ -41,8 +41,21 @@ class TrainConfig:
     lora_alpha: float | None = None  # default 2 * rank
     save_every: int = 1000
     keep_last: int = 3
-    num_workers: int = 4
-    block_episodes: int = 8  # episodes shuffled together (EpisodeBlockSampler)
+    # DataLoader workers per process; None = 0 when training on cached features or on a machine with at
+    # most 4 cores (workers beside the compute threads oversubscribe it), else 4.
+    num_workers: int | None = None
+    # Torch compute threads per process; None = the cores divided by the local processes.
+    threads: int | None = None
+    # Episodes shuffled together (EpisodeBlockSampler); None = resolved when the run starts: all of them
+    # (a full shuffle) when the frames come from the feature cache or fit the decoded-frame cache, else 8.
+    block_episodes: int | None = None
+    # Frozen vision towers: "auto" computes their features once per frame into the default cache folder
+    # ($DAMVLA_FEATURE_CACHE or ~/.cache/damvla/features), a path picks the folder, "off" runs them online.
+    feature_cache: str = "auto"
+    # Held-out episodes (evenly spaced over the dataset) for validation loss and open-loop action error,
+    # computed every val_every steps and at the end; 0 = no validation.
+    val_episodes: int = 0
+    val_every: int = 500
     seed: int = 0
     parallel: str = "ddp"  # with several processes: ddp | fsdp (FSDP2, fully_shard)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
@@ -58,8 +71,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
             if getattr(self, name) < 1:
                 errs.append(f"{name}={getattr(self, name)} must be >= 1")
-        if self.warmup < 0 or self.num_workers < 0 or self.lora < 0 or self.keep_last < 1:
+        if self.warmup < 0 or (self.num_workers or 0) < 0 or self.lora < 0 or self.keep_last < 1:
             errs.append("warmup, num_workers and lora must be >= 0; keep_last >= 1")
+        if self.threads is not None and self.threads < 1:
+            errs.append(f"threads={self.threads} must be >= 1")
+        if self.block_episodes is not None and self.block_episodes < 1:
+            errs.append(f"block_episodes={self.block_episodes} must be >= 1")
+        if self.val_episodes < 0 or self.val_every < 1:
+            errs.append("val_episodes must be >= 0 and val_every >= 1")
         if self.lr <= 0:
             errs.append(f"lr={self.lr} must be > 0")
         if self.schedule not in SCHEDULES:
@@ -91,6 +110,9 @@ class TrainConfig:
         # Runs saved before augmentation existed trained without it; resuming them must not switch it on.
         d.setdefault("aug_shift", 0.0)
         d.setdefault("aug_color", 0.0)
+        # Runs saved before these fields existed: online vision, no validation.
+        d.setdefault("feature_cache", "off")
+        d.setdefault("val_episodes", 0)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d).validate()

@@ -25,7 +25,28 @@ from damvla.diffusion import TrainingDraws
 SEED_KEY = "_sample_seed"  # extra batch key: each sample's draw seed (int64), popped before the forward
 
 
-def build_dataset(root: str, cfg: PolicyConfig) -> PolicyDataset:
+def split_episodes(episodes: list[int], num_val: int) -> tuple[list[int], list[int]]:
+    """(train, validation) episode indices: ``num_val`` evenly spaced episodes are held out (datasets
+    collected task after task then hold out every task alike). Independent of the training seed, so every
+    seed of a comparison validates on the same episodes."""
+    if num_val <= 0:
+        return list(episodes), []
+    if num_val >= len(episodes):
+        raise ValueError(f"--val-episodes {num_val}: the dataset has only {len(episodes)} episodes")
+    step = len(episodes) / num_val
+    val = sorted({episodes[int(step * (i + 0.5))] for i in range(num_val)})
+    return [e for e in episodes if e not in set(val)], val
+
+
+def state_stats(ds: PolicyDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of ``observation.state`` from the dataset's meta/stats.json (LeRobot's stats)."""
+    st = ds.reader.stats.get(ds.state_key)
+    if st is None or "mean" not in st or "std" not in st:
+        raise ValueError(f"dataset {ds.root}: meta/stats.json has no mean/std for {ds.state_key!r}, needed with state_dim > 0")
+    return np.asarray(st["mean"], dtype=np.float32).ravel(), np.asarray(st["std"], dtype=np.float32).ravel()
+
+
+def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = None) -> PolicyDataset:
     """The dataset at ``root`` as this policy config reads it; raises ``ValueError`` naming any mismatch
     between the two (action dimension, camera, gripper index, image size, horizon, stats) before training."""
     reader = LeRobotDatasetReader(root)  # raises for a missing / incomplete dataset
@@ -57,11 +78,14 @@ def build_dataset(root: str, cfg: PolicyConfig) -> PolicyDataset:
         # config.gripper_threshold is about the model's binary output.
         ds = PolicyDataset(
             root, horizon=cfg.horizon, image_size=cfg.vision.image_size, camera=cam_key, gripper_index=gi,
-            sigma_lead=cfg.weighting.sigma_lead, sigma_trail=cfg.weighting.sigma_trail,
+            sigma_lead=cfg.weighting.sigma_lead, sigma_trail=cfg.weighting.sigma_trail, episodes=episodes,
         )  # fmt: skip
     except DatasetError as e:
         raise ValueError(f"dataset {root}: {e}") from e
     check_sample(ds[0], cfg, root)
+    if cfg.state_dim and tuple(ds[0]["observation.state"].shape) != (cfg.state_dim,):
+        raise ValueError(f"dataset {root}: observation.state has shape {tuple(ds[0]['observation.state'].shape)}, "
+                         f"the config has state_dim={cfg.state_dim}")  # fmt: skip
     return ds
 
 

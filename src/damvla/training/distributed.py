@@ -87,8 +87,8 @@ def shard_units(policy: nn.Module) -> list[nn.Module]:
     forward: small, and the policy calls ``llm.embed_tokens`` outside ``llm.forward``."""
     units: list[nn.Module] = list(policy.language.llm.layers)
     units += list(policy.vision.dinov2.encoder.layer)
-    vt = getattr(policy.vision.siglip, "vision_model", policy.vision.siglip)
-    units += list(vt.encoder.layers)
+    if policy.vision.siglip is not None:
+        units += list(policy.vision._siglip_vt.encoder.layers)
     return units
 
 

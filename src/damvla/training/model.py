@@ -40,7 +40,7 @@ def component_of(name: str) -> str:
 def apply_freeze(policy: DAMVLAPolicy, stage: str) -> None:
     """Set requires_grad per freezing stage (see FREEZE_HELP). LoRA adapters are handled by add_lora."""
     frozen: list[nn.Module] = []
-    if stage in ("vision", "llm", "heads_only"):
+    if stage in ("vision", "llm", "heads_only") or policy.config.vision.frozen:
         frozen.append(policy.vision)
     if stage in ("llm", "heads_only"):
         frozen.append(policy.language.llm)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -58,6 +60,20 @@ class EMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         shadow = list(self.shadow.values())
         torch._foreach_lerp_(shadow, [p.detach().float() for p in self.params.values()], 1.0 - d)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the parameters hold the EMA weights; the live ones come back after."""
+        live = {n: p.detach().clone() for n, p in self.params.items()}
+        try:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.shadow[n].to(p.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(live[n])
 
     def state_dict(self) -> dict[str, object]:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}

