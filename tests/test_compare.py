@@ -47,3 +47,20 @@ def test_compare_writes_a_section_with_the_difference_to_the_baseline(tmp_path):
     with pytest.raises(SystemExit):
         main(["compare", "--title", "x"])
     assert main(["compare", "--run", f"x={tmp_path / 'missing'}", "--title", "t"]) == 1
+
+
+def test_runs_named_row_slash_seed_are_pooled_per_row_with_the_difference_on_pooled_counts(tmp_path):
+    _fake_eval(tmp_path / "a0", "a0", {"push-v3": 3, "reach-v3": 4}, reached={"push-v3": 4, "reach-v3": 4})
+    _fake_eval(tmp_path / "a1", "a1", {"push-v3": 1, "reach-v3": 4}, reached={"push-v3": 4, "reach-v3": 4})
+    _fake_eval(tmp_path / "b0", "b0", {"push-v3": 0, "reach-v3": 2}, reached={"push-v3": 1, "reach-v3": 3})
+    page = tmp_path / "results.md"
+    runs = [f"dam/s0={tmp_path / 'a0'}", f"dam/s1={tmp_path / 'a1'}", f"cog/s0={tmp_path / 'b0'}"]
+    args = ["compare", *[x for r in runs for x in ("--run", r)], "--baseline", "cog", "--title", "pooled",
+            "--append-results", str(page), "--figures", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    text = page.read_text()
+    # dam pooled: push 4/8, reach 8/8, all 12/16; seeds' averages 88% and 62%
+    assert "| dam | 2 | 50% (4/8)" in text and "75% (12/16)" in text and "88%, 62%" in text
+    assert "| cog | 1 | 0% (0/4)" in text
+    assert "| dam | +50" in text  # push: 4/8 - 0/4
+    assert "16/16 vs 4/8: +50" in text  # reached, pooled

@@ -38,9 +38,9 @@ def _frames(t: int, e: int) -> np.ndarray:
 
 
 def write_dataset(root: Path, mode: str = "image", lengths: list[int] = LENGTHS, damvla: dict | None = None,
-                  actions=_actions) -> Path:  # fmt: skip
+                  actions=_actions, cam: str = CAM) -> Path:  # fmt: skip
     feats = {
-        CAM: {"dtype": "image", "shape": [S, S, 3]},
+        cam: {"dtype": "image", "shape": [S, S, 3]},
         "observation.state": {"dtype": "float32", "shape": [2]},
         "action": {"dtype": "float32", "shape": [3]},
         "observation.phase": {"dtype": "int64", "shape": [1]},
@@ -54,7 +54,7 @@ def write_dataset(root: Path, mode: str = "image", lengths: list[int] = LENGTHS,
     for e, t in enumerate(lengths):
         phase = np.zeros(t, np.int64)
         phase[t // 2 :] = 1
-        w.add_episode({CAM: _frames(t, e), "observation.state": np.full((t, 2), e, np.float32),
+        w.add_episode({cam: _frames(t, e), "observation.state": np.full((t, 2), e, np.float32),
                        "action": actions(t, e), "observation.phase": phase}, task=f"do thing {e}")  # fmt: skip
     return w.finalize()
 
@@ -257,6 +257,62 @@ def test_data_check_reports_errors_with_exit_code_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = write_dataset(tmp_path / "nog", damvla={})
-    assert main(["data", "check", str(root)]) == 1
-    assert "gripper_index" in capsys.readouterr().err
+    assert main(["data", "check", str(root), "--camera", "wrist"]) == 1
+    assert "observation.images.wrist" in capsys.readouterr().err
     assert main(["data", "check", str(root), "--gripper-index", "2"]) == 0
+
+
+def test_data_check_without_a_gripper_passes_with_a_no_routing_labels_finding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_dataset(tmp_path / "nog", damvla={})
+    assert main(["data", "check", str(root), "--no-decode"]) == 0
+    out = capsys.readouterr().out
+    assert "findings:\n  - no routing labels: no gripper index" in out and "dataset OK" in out
+    assert "router labels:" not in out and "gripper (binarised" not in out
+    # training still refuses it: DAM-VLA's labels need a gripper or a phase column
+    with pytest.raises(ValueError, match="no gripper index"):
+        PolicyDataset(root)
+
+
+def test_data_check_picks_the_only_camera_whatever_its_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_dataset(tmp_path / "front", cam="observation.images.front")
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "training camera: observation.images.front" in out
+    assert "camera 'observation.images.front' picked: it is the dataset's only camera" in out
+    assert "vision.camera=front" in out and "decoded every frame of observation.images.front: ok" in out
+
+
+def test_data_check_given_a_file_asks_for_the_dataset_folder(
+    image_ds: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    info = image_ds / "meta" / "info.json"
+    assert main(["data", "check", str(info)]) == 1
+    err = capsys.readouterr().err
+    assert f"{info}: expected the dataset folder, got a file (the dataset folder is probably {image_ds})" in err
+    assert "info.json/meta" not in err
+
+
+def test_action_names_travel_from_info_json_into_the_checkpoint_metadata_and_the_server(tmp_path: Path) -> None:
+    from damvla.config import preset
+    from damvla.serving.server import action_names
+
+    cfg = preset("tiny")
+    cfg.action_dim, cfg.gripper_index = 3, 2
+    root = write_dataset(tmp_path / "named")
+    info_path = root / "meta" / "info.json"
+    info = json.loads(info_path.read_text())
+    info["features"]["action"]["names"] = ["x", "y", "gripper"]
+    info_path.write_text(json.dumps(info))
+    meta = PolicyDataset(root, image_size=S).metadata
+    assert meta["action_names"] == ["x", "y", "gripper"]
+    assert action_names(cfg, json.loads(json.dumps(meta))) == ["x", "y", "gripper"]  # through metadata.json
+    # LeRobot's older nested form, and checkpoints from before names were recorded
+    info["features"]["action"]["names"] = {"motors": ["a", "b", "c"]}
+    info_path.write_text(json.dumps(info))
+    assert PolicyDataset(root, image_size=S).metadata["action_names"] == ["a", "b", "c"]
+    old = {k: v for k, v in meta.items() if k != "action_names"}
+    assert action_names(cfg, old) == ["action_0", "action_1", "gripper"]

@@ -106,3 +106,16 @@ def test_collect_output_does_not_depend_on_worker_count(tmp_path):
     ra = json.loads((one / "meta" / "info.json").read_text())["damvla"]["recipe"]
     rb = json.loads((two / "meta" / "info.json").read_text())["damvla"]["recipe"]
     assert ra["seeds"] == rb["seeds"]
+
+
+def test_recollecting_with_other_settings_names_each_differing_setting_and_both_values(tmp_path):
+    out = tmp_path / "ds"
+    (out / "meta").mkdir(parents=True)
+    recipe = {"tasks": ["pick-place-v3"], "episodes_per_task": 2, "camera": "corner4", "resolution": 32,
+              "release": True, "max_steps": None, "seed_offset": 0}  # fmt: skip
+    (out / "meta" / "info.json").write_text(json.dumps({"damvla": {"recipe": recipe}}))
+    with pytest.raises(ValueError) as e:
+        collect.collect_metaworld(out, "pick-place-v3", 2, resolution=64, release=False, progress=False)
+    msg = str(e.value)
+    assert "--resolution: dataset 32, this command 64" in msg and "--release: dataset True, this command False" in msg
+    assert "--camera" not in msg and "--episodes" not in msg  # only what differs

@@ -144,6 +144,10 @@ def test_tiny_checkpoint_eval_writes_consistent_reports_and_repeats_exactly(ckpt
     assert res["config"]["execution"] == "chunk" and res["config"]["execute_steps"] == 3
     assert res["config"]["resolution"] == 64 and res["config"]["camera"] == "corner4"
     assert res["timing"]["policy_calls"] >= 2  # 2 chunks per 6-step episode, batched across slots
+    assert res["config"]["checkpoint_folder"] == str(ckpt.resolve()) and res["config"]["checkpoint_step"] is None
+    report_md = (out / "report.md").read_text()
+    assert "](videos/pick-place-v3/seed-1000000.mp4)" in report_md and "](plots/reach-v3/seed-1000001.png)" in report_md
+    assert 'src="videos/reach-v3/seed-1000000.mp4"' in (out / "index.html").read_text()
 
     lines = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
     for ep in lines:

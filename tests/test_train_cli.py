@@ -88,7 +88,7 @@ def test_train_tiny_writes_loadable_checkpoint_png_tensorboard_and_metrics(datas
     assert train(dataset, out, "--save-every", "2", "--keep-last", "1", steps=4) == 0
     printed = capsys.readouterr().out
     assert "effective global batch: 4 = 4 per device x 1 device(s) x 1 accumulation step(s)" in printed
-    assert '"dit"' in printed and "trainable parameters" in printed
+    assert "run: preset tiny" in printed and "trainable parameters" in printed
 
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert ckpts == ["step-0000004"]  # keep-last 1
@@ -164,3 +164,10 @@ def test_resume_refuses_to_change_the_run(dataset: Path, tmp_path: Path, capsys)
     assert "['lr'] differ from the run being resumed" in capsys.readouterr().err
     assert train(dataset, tmp_path / "run", steps=2) == 1  # same --out again without --resume
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_short_run_warns_that_it_ends_inside_warmup_and_prints_no_json_dump(dataset: Path, tmp_path: Path, capsys) -> None:
+    assert train(dataset, tmp_path / "run", "--warmup", "10", steps=3) == 0
+    out = capsys.readouterr().out
+    assert "ends inside the learning-rate warm-up" in out
+    assert '"policy": {' not in out  # the config is summarised, the whole of it is in train_config.json

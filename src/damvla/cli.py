@@ -7,6 +7,11 @@ import argparse
 import importlib
 import sys
 
+DESCRIPTION = (
+    "DAM-VLA and CogACT policies: collect demonstrations, check and train on LeRobot datasets, "
+    "evaluate in simulation, serve over openpi's protocol. `damvla COMMAND --help` for each command."
+)
+
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("damvla.info", "print a preset's resolved config and parameter counts"),
@@ -23,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="damvla", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="damvla", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)

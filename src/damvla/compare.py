@@ -99,6 +99,9 @@ def _train_command(train_dir: Path, steps: int | None = None) -> str | None:
             "--warmup", str(cfg["warmup"]), "--schedule", cfg["schedule"], "--seed", str(cfg["seed"])]
     if cfg.get("ablation"):
         args += ["--ablation", cfg["ablation"]]
+    for key, flag in (("ema", "--ema"), ("val_episodes", "--val-episodes"), ("threads", "--threads")):
+        if cfg.get(key):
+            args += [flag, str(cfg[key])]
     return shlex.join(args + list(cfg.get("overrides", [])))
 
 
@@ -173,7 +176,10 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
         agree = closed_loop_router_agreement(r.episodes)
         agree_s = f"{100 * agree:.1f}%" if agree is not None else "no router"
         lines.append(f"| {r.name} | {steps} | " + " | ".join(cells) + f" | {_pct(ov['successes'], ov['episodes'])} | {acc} | {agree_s} |")
-    if baseline is not None:
+    groups = seed_groups(runs)
+    if groups:
+        lines += pooled_table(groups, tasks, baseline)
+    if baseline is not None and (groups is None or baseline not in groups):
         base = next((r for r in runs if r.name == baseline), None)
         if base is None:
             raise ValueError(f"--baseline {baseline!r} is not one of the runs {[r.name for r in runs]}")
@@ -219,6 +225,61 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
               "(flips, asymmetric Gaussian >= 0.5); the per-episode plots in each eval folder also show the scripted "
               "expert's labels replayed from the same initial state."]
     return "\n".join(lines)
+
+
+def seed_groups(runs: list[Run]) -> dict[str, list[Run]] | None:
+    """Runs named ``ROW/SEED`` (e.g. ``damvla/s0``) grouped by row; None when no name has a ``/``."""
+    if not any("/" in r.name for r in runs):
+        return None
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.name.split("/", 1)[0], []).append(r)
+    return groups
+
+
+def _pooled(rs: list[Run], task: str | None) -> tuple[int, int]:
+    cells = [r.results["overall"] if task is None else r.results["tasks"][task] for r in rs]
+    return sum(c["successes"] for c in cells), sum(c["episodes"] for c in cells)
+
+
+def pooled_table(groups: dict[str, list[Run]], tasks: list[str], baseline: str | None) -> list[str]:
+    """Each row pooled over its seeds, the spread of the seeds' averages, and the difference to the baseline
+    row on the pooled counts."""
+    lines = ["", "Pooled over training seeds (success counts summed over the seeds; the interval treats episodes "
+             "as independent, so it leaves out seed-to-seed variance, which the spread column shows):", ""]  # fmt: skip
+    lines += ["| row | seeds | " + " | ".join(tasks) + " | average | seed averages |", "|" + "---|" * (len(tasks) + 4)]
+    for name, rs in groups.items():
+        cells = [_pct(*_pooled(rs, t)) for t in tasks]
+        per_seed = ", ".join(f"{100 * r.results['overall']['successes'] / r.results['overall']['episodes']:.0f}%" for r in rs)
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {_pct(*_pooled(rs, None))} | {per_seed} |")
+    if baseline is not None and baseline in groups:
+        lines += ["", f"Difference to `{baseline}` on the pooled counts (percentage points, Newcombe 95% interval):", ""]
+        lines += ["| row | " + " | ".join(tasks) + " | average |", "|" + "---|" * (len(tasks) + 2)]
+        for name, rs in groups.items():
+            if name == baseline:
+                continue
+            cells = []
+            for t in tasks + [None]:
+                d, lo, hi = difference_interval(*_pooled(rs, t), *_pooled(groups[baseline], t))
+                cells.append(f"{100 * d:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if all("milestones" in r.results["overall"] for rs in groups.values() for r in rs):
+            names = list(next(iter(groups.values()))[0].results["overall"]["milestones"])
+            lines += ["", f"Phase flags pooled over seeds, difference to `{baseline}` (Newcombe 95% interval):", ""]
+            lines += ["| row | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+            for name, rs in groups.items():
+                if name == baseline:
+                    continue
+                cells = []
+                for m in names:
+                    k1 = sum(r.results["overall"]["milestones"].get(m, 0) for r in rs)
+                    n1 = sum(r.results["overall"]["episodes"] for r in rs)
+                    k2 = sum(r.results["overall"]["milestones"].get(m, 0) for r in groups[baseline])
+                    n2 = sum(r.results["overall"]["episodes"] for r in groups[baseline])
+                    d, lo, hi = difference_interval(k1, n1, k2, n2)
+                    cells.append(f"{k1}/{n1} vs {k2}/{n2}: {100 * d:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _rel(path: Path, start: Path) -> str:

@@ -1,7 +1,8 @@
 """`make demo`: the main job end to end on a CPU, in a few minutes.
 
 1. collect a few scripted-expert demonstrations in Meta-World (LeRobot v3.0);
-2. train the tiny preset on them briefly, to show the loss falling (curves as PNG);
+2. train the cpu preset on them briefly (frozen pretrained DINOv2-S, its features cached once per frame),
+   to show the loss falling (curves as PNG);
 3. evaluate the released checkpoint closed-loop on its tasks (videos with the router weight drawn on the
    frames, router-vs-phase plots, success with Wilson intervals);
 4. write a report folder and print its path.
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-RELEASED = REPO / "checkpoints" / "damvla-tiny-grip3"
+RELEASED = REPO / "checkpoints" / "damvla-cpu-grip3"
 DEMO_TASKS = "pick-place-v3,push-v3"  # demonstrations collected and trained on in step 2
 
 
@@ -74,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     _run(["collect", "metaworld", "--suite", DEMO_TASKS, "--episodes", str(args.demos), "--out", str(data)])
     print(f"    done in {time.time() - t:.0f} s -> {data}")
 
-    t = _stage(2, 4, f"training the tiny DAM-VLA preset for {args.train_steps} steps on the CPU")
+    t = _stage(2, 4, f"training the cpu DAM-VLA preset for {args.train_steps} steps on the CPU")
     run_dir = out / "train"
     _run([
-        "train", "--preset", "tiny", "--dataset", str(data), "--out", str(run_dir),
+        "train", "--preset", "cpu", "--dataset", str(data), "--out", str(run_dir),
         "--steps", str(args.train_steps), "--batch-size", "16", "--lr", "1e-3", "--warmup", "10",
-        "--schedule", "constant", "--save-every", str(args.train_steps), "--num-workers", "1", "--log-every", "5",
+        "--schedule", "constant", "--save-every", str(args.train_steps), "--log-every", "5",
+        "--feature-cache", str(out / "feature_cache"), "state_dim=4",
     ])
     first, last, steps = _loss_summary(run_dir)
     print(f"    loss {first:.3f} -> {last:.3f} over {steps} steps ({time.time() - t:.0f} s)")
@@ -103,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SHOWN_PLOTS = 6  # router plots drawn inline in the report; the rest are named by count and folder
+
+
+def _plot_label(path: Path) -> str:
+    """``plots/<task>/<seed>.png`` -> ``<task> <seed>`` (the seed alone repeats across tasks)."""
+    return f"{path.parent.name} {path.stem}" if path.parent.name != "plots" else path.stem
+
+
 def _write_report(
     out: Path, args: argparse.Namespace, data: Path, run_dir: Path, eval_dir: Path,
     loss: tuple[float, float, int], seconds: float,
@@ -120,7 +130,7 @@ def _write_report(
         f"{summary['total_episodes']} episodes, {summary['total_frames']} frames in `{data.relative_to(out)}` "
         "(LeRobot v3.0).",
         "",
-        "## 2. A short training run (tiny preset, CPU)",
+        "## 2. A short training run (cpu preset: frozen pretrained DINOv2-S, cached features)",
         f"Loss {loss[0]:.3f} (first fifth of the logged steps) -> {loss[1]:.3f} (last fifth) over {loss[2]} steps.",
         "",
         f"![loss curves]({(run_dir / 'loss_curves.png').relative_to(out)})",
@@ -133,7 +143,9 @@ def _write_report(
         *[f"- [{v.relative_to(out)}]({v.relative_to(out)})" for v in videos],
         "",
         "Router weight against the phase labels (executed gripper commands; scripted expert from the same start):",
-        *[f"![{pl.stem}]({pl.relative_to(out)})" for pl in plots[:6]],
+        *[f"![{_plot_label(pl)}]({pl.relative_to(out)})" for pl in plots[:SHOWN_PLOTS]],
+        *([f"\n{len(plots) - SHOWN_PLOTS} more router plots in `{(eval_dir / 'plots').relative_to(out)}/`."]
+          if len(plots) > SHOWN_PLOTS else []),
         "",
     ]
     path = out / "report.md"

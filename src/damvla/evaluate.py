@@ -11,7 +11,7 @@ time limit. A checkpoint's 7-D actions reach the simulator through the action ma
 metadata; everything that can disagree between checkpoint and environment (action layout, camera,
 mapping, task coverage, seed overlap) is checked before the first rollout.
 
-Output folder: ``results.json``, ``report.md``, ``initial_states.jsonl``, ``episodes.jsonl`` (per-step
+Output folder: ``results.json``, ``report.md``, ``index.html``, ``initial_states.jsonl``, ``episodes.jsonl`` (per-step
 router weight / head / gripper), ``command.txt``, ``versions.json``, ``videos/TASK/seed-N.mp4`` and
 ``plots/TASK/seed-N.png``.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -262,6 +263,31 @@ def check_disjoint(states: list[Any], train: dict[str, set[int]]) -> None:
 
 
 # ---- provenance ----------------------------------------------------------------------------------
+def resolved_checkpoint(path: str | Path) -> tuple[Path, int | None]:
+    """The checkpoint folder a CHECKPOINT argument names (a run folder resolves through its ``latest``
+    pointer), absolute, and its training step when the folder is a ``step-XXXXXXX`` checkpoint, else None."""
+    from damvla.model.policy import resolve_checkpoint
+
+    folder = resolve_checkpoint(path).resolve()
+    m = re.fullmatch(r"step-(\d+)", folder.name)
+    return folder, int(m.group(1)) if m else None
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """Refuse a CUDA device this torch build or machine does not have (``ValueError`` naming it), before
+    any model is loaded; ``cpu`` and ``auto`` always pass."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        built = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"{flag} {device}: CUDA is not available ({built}; torch {torch.__version__})")
+    _, _, index = device.partition(":")
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def versions() -> dict[str, Any]:
     """Versions of everything that changes results, and the git commit of the damvla source."""
     from importlib import metadata
@@ -344,8 +370,9 @@ def _default_title(opts: EvalOptions, policy: Any) -> str:
     return f"{label} on {opts.suite}, {opts.episodes} episodes per task"
 
 
-def _policy_and_env(opts: EvalOptions, tasks: list[str]) -> tuple[Any, EnvSetup]:
-    """Load and check the checkpoint (or set up expert / random); no env process is started yet."""
+def _policy_and_env(opts: EvalOptions, tasks: list[str], folder: Path | None = None) -> tuple[Any, EnvSetup]:
+    """Load and check the checkpoint (from ``folder``, its resolved folder, when given; or set up expert /
+    random); no env process is started yet."""
     from damvla.envs.metaworld import DEFAULT_CAMERA, DEFAULT_RESOLUTION, dataset_action_mapping
 
     if opts.policy != "checkpoint":
@@ -359,12 +386,11 @@ def _policy_and_env(opts: EvalOptions, tasks: list[str]) -> tuple[Any, EnvSetup]
 
     from damvla.model.policy import DAMVLAPolicy
 
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {opts.device}: CUDA is not available (torch {torch.__version__})")
+    check_device(opts.device)
     if opts.threads is not None:
         # On a busy CPU one thread is often faster for a small model (no spin-waiting on taken cores).
         torch.set_num_threads(opts.threads)
-    policy = DAMVLAPolicy.from_pretrained(opts.checkpoint, device=opts.device)
+    policy = DAMVLAPolicy.from_pretrained(folder or opts.checkpoint, device=opts.device)
     return policy, check_checkpoint(policy, tasks, opts.camera, opts.resolution)
 
 
@@ -395,7 +421,9 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
 
     opts.validate()
     tasks = resolve_suite(opts.suite)
-    policy, setup = _policy_and_env(opts, tasks)
+    # Resolved once: a run folder whose `latest` moves on mid-evaluation still records the checkpoint that ran.
+    ckpt_folder, ckpt_step = resolved_checkpoint(opts.checkpoint) if opts.policy == "checkpoint" else (None, None)
+    policy, setup = _policy_and_env(opts, tasks, ckpt_folder)
     if opts.initial_states is not None:
         states = read_initial_states(Path(opts.initial_states), tasks, opts.episodes)
     else:
@@ -487,6 +515,8 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
             ablation=asdict(policy.config.ablation),
             checkpoint=str(Path(opts.checkpoint).resolve()),
         )
+        # A run folder resolves to its latest checkpoint: record which one ran, and at which step.
+        cfg.update(checkpoint_folder=str(ckpt_folder), checkpoint_step=ckpt_step)
     else:
         cfg.update(execution=None, execute_steps=None, ensemble_horizon=None)
     results_doc: dict[str, Any] = {
@@ -702,6 +732,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{task:<32} {s['successes']:>3}/{s['episodes']:<3} {100 * s['success_rate']:5.1f}%{err}")
     print(
         f"average success {100 * ov['success_rate']:.1f}% ({ov['successes']}/{ov['episodes']}, Wilson 95% "
-        f"[{100 * lo:.1f}, {100 * hi:.1f}]), {ov['errors']} errors -> {opts.out / 'report.md'}"
+        f"[{100 * lo:.1f}, {100 * hi:.1f}]), {ov['errors']} errors -> {opts.out / 'report.md'}, {opts.out / 'index.html'}"
     )
     return 0

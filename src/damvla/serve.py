@@ -3,23 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import time
 
 log = logging.getLogger("damvla.serve")
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+DEFAULT_PORT = 8000  # openpi's
+
+
+def port_number(text: str) -> int:
+    """argparse type of ``--port``: an integer in 0..65535 (0: the OS picks a free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 0..65535")
+    return port
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Bind ``host:port`` once and release it, so a taken port or an unknown host fails in a moment
+    instead of after the model has loaded; raises ``ValueError`` naming both. Port 0 always binds."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    for family, type_, proto, _, addr in infos:  # the server binds every address the host resolves to
+        with socket.socket(family, type_, proto) as sock:
+            # As asyncio's server does: a port left in TIME_WAIT by a previous run is free to bind.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except OSError as e:
+                hint = " (another server is listening there?); pick another --port, or --port 0" if (
+                    e.errno == errno.EADDRINUSE) else ""  # fmt: skip
+                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
-        help="checkpoint folder (config.json + model.safetensors ...), or preset:NAME for randomly "
-        "initialised weights (protocol smoke tests only)",
+        help="checkpoint folder (config.json + model.safetensors ...), a training run folder (its latest "
+        "checkpoint), or preset:NAME for randomly initialised weights (protocol smoke tests only)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 for all)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help=f"TCP port, 0..65535 (default {DEFAULT_PORT}, openpi's; 0 picks a free one)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("DAMVLA_API_KEY"),
@@ -30,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--obs-map", default=None, help="observation map as inline JSON or a JSON file (docs/serving.md)"
     )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda if available)")
     parser.add_argument("--max-connections", type=int, default=16,
                         help="open connections allowed at once; more are refused with HTTP 503 (default 16)")
     parser.add_argument(
@@ -44,8 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load_policy(checkpoint: str, device: str):  # -> DAMVLAPolicy (torch imported lazily)
     import torch
 
+    from damvla.evaluate import check_device, resolved_checkpoint
     from damvla.model.policy import DAMVLAPolicy
 
+    check_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if checkpoint.startswith("preset:"):
@@ -57,7 +95,10 @@ def _load_policy(checkpoint: str, device: str):  # -> DAMVLAPolicy (torch import
         # identity stats: actions come back in normalised units, which is all a smoke test needs
         policy = DAMVLAPolicy(cfg, ActionNormalizer.identity(cfg.action_dim), {"checkpoint": checkpoint})
     else:
-        policy = DAMVLAPolicy.from_pretrained(checkpoint)
+        # A run folder resolves to its latest checkpoint: say which one is served.
+        folder, step = resolved_checkpoint(checkpoint)
+        log.info("checkpoint %s -> %s (step %s)", checkpoint, folder, "unknown" if step is None else step)
+        policy = DAMVLAPolicy.from_pretrained(folder)
     return policy.to(device).eval()
 
 
@@ -69,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_message_mb <= 0:
         raise ValueError(f"--max-message-mb={args.max_message_mb}: must be positive")
+    check_bindable(args.host, args.port)  # seconds before the model has loaded, not after
     policy = _load_policy(args.checkpoint, args.device)
     obs_map = ObservationMap.load(args.obs_map, policy.config.vision.camera)
     server = PolicyServer(

@@ -503,8 +503,14 @@ class Trainer:
 
     def describe(self) -> None:
         tc, ctx = self.tc, self.ctx
-        self.print("resolved run config (saved as train_config.json in every checkpoint):")
-        self.print(self.run.to_json())
+        ov = " ".join(tc.overrides) or "none"
+        self.print(f"run: preset {tc.preset}, ablation {tc.ablation or 'damvla'}, overrides {ov}; {tc.steps} steps, "
+                   f"batch {tc.batch_size}, lr {tc.lr:g} ({tc.schedule}, warm-up {tc.warmup}), EMA {tc.ema or 'off'}, "
+                   f"seed {tc.seed}. The whole resolved config is saved as train_config.json in every checkpoint.")  # fmt: skip
+        if tc.warmup >= tc.steps:
+            self.print(f"warning: the run ends inside the learning-rate warm-up ({tc.steps} steps <= --warmup "
+                       f"{tc.warmup}), so the rate never reaches --lr {tc.lr:g} and the loss may look flat; "
+                       "lower --warmup for short runs")  # fmt: skip
         self.print(f"dataset {tc.dataset}: {len(self.dataset)} samples in {self.dataset.num_episodes} episodes, "
                    f"{self.stream.steps_per_epoch} steps per epoch")  # fmt: skip
         if self.val_dataset is not None:

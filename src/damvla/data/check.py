@@ -21,30 +21,75 @@ from damvla.normalize import CONSTANT_RANGE
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``check`` sub-command (``damvla data check DIR [options]``)."""
     sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    p = sub.add_parser("check", help="validate a dataset and print a report")
-    p.add_argument("dir", help="LeRobot v3.0 dataset folder")
-    p.add_argument("--camera", default="image", help="camera name or feature key (default: image)")
+    p = sub.add_parser(
+        "check",
+        help="validate a dataset and print a report",
+        description="Validate a LeRobot v3.0 dataset folder for training and print a report: episodes, "
+        "frames, tasks, per-dimension action ranges, gripper flips per episode and the router-label "
+        "balance. Exits 1 naming the file, episode or field at the first error.",
+    )
+    p.add_argument("dir", help="LeRobot v3.0 dataset folder (the one holding meta/, data/, videos/)")
+    p.add_argument(
+        "--camera",
+        default=None,
+        help="camera name or feature key (default: 'image', or the dataset's only camera whatever its name)",
+    )
     p.add_argument(
         "--gripper-index", type=int, default=None, help='gripper action dimension (default: info["damvla"])'
     )
     p.add_argument("--gripper-threshold", type=float, default=None, help="raw open/closed threshold")
     p.add_argument("--gripper-open", type=float, default=None, help="raw value meaning open (default 1.0)")
     p.add_argument("--phase-key", default=None, help="per-frame column to route on instead of the gripper")
-    p.add_argument("--horizon", type=int, default=16)
-    p.add_argument("--sigma-lead", type=float, default=6.0)
-    p.add_argument("--sigma-trail", type=float, default=2.0)
+    p.add_argument("--horizon", type=int, default=16, help="action chunk length H the samples are cut to (default 16)")
+    p.add_argument(
+        "--sigma-lead", type=float, default=6.0,
+        help="width in steps of the trajectory weight before each gripper event; sets the router labels (default 6)",
+    )
+    p.add_argument(
+        "--sigma-trail", type=float, default=2.0,
+        help="width in steps of the trajectory weight after each gripper event (default 2)",
+    )
     p.add_argument("--no-decode", dest="decode", action="store_false", help="skip decoding every frame")
+
+
+DEFAULT_CAMERA = "observation.images.image"
+
+
+def pick_camera(camera_keys: list[str], camera: str | None) -> tuple[str, str | None]:
+    """The camera to check, and a finding when it was picked rather than asked for.
+
+    ``camera`` wins when given; else ``image``; else the dataset's only camera, whatever its name. Several
+    cameras and none called ``image`` need ``--camera`` (``ValueError`` listing them)."""
+    if camera is not None:
+        return camera, None
+    if DEFAULT_CAMERA in camera_keys:
+        return DEFAULT_CAMERA, None
+    if len(camera_keys) == 1:
+        key = camera_keys[0]
+        name = key.removeprefix("observation.images.")
+        return key, (f"camera {key!r} picked: it is the dataset's only camera (train with the override "
+                     f"vision.camera={name})")  # fmt: skip
+    if not camera_keys:
+        raise ValueError("the dataset has no camera feature (dtype video or image) in meta/info.json")
+    raise ValueError(f"the dataset has {len(camera_keys)} cameras {camera_keys} and none is "
+                     f"{DEFAULT_CAMERA!r}: choose one with --camera")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate ``args.dir`` and print the report; raises ValueError (exit 1 via the CLI) when invalid."""
     from damvla.data.dataset import PolicyDataset
+    from damvla.data.lerobot import LeRobotDatasetReader
 
+    findings: list[str] = []
+    reader = LeRobotDatasetReader(args.dir)  # raises naming the folder / file that is wrong
+    camera, note = pick_camera(reader.camera_keys, args.camera)
+    if note:
+        findings.append(note)
     ds = PolicyDataset(
         args.dir,
         horizon=args.horizon,
         image_size=8,  # not used for the report; small so --decode caches little
-        camera=args.camera,
+        camera=camera,
         gripper_index=args.gripper_index,
         gripper_threshold=args.gripper_threshold,
         gripper_open=args.gripper_open,
@@ -53,9 +98,16 @@ def run(args: argparse.Namespace) -> int:
         sigma_trail=args.sigma_trail,
         cache_bytes=0,
         progress=True,
+        require_routing=False,  # a dataset without a gripper is valid; its missing labels are a finding
     )
+    if not ds.has_routing:
+        findings.append(
+            "no routing labels: no gripper index (--gripper-index, or meta/info.json damvla.gripper_index) and "
+            "no --phase-key, so there are no gripper-phase labels; DAM-VLA's router and trajectory weights "
+            "need one of the two"
+        )
     r = ds.reader
-    print(report(ds))
+    print(report(ds, findings))
     if args.decode:
         for p, e in enumerate(tqdm(ds.episode_indices, desc=f"decoding {ds.camera_key}")):
             frames = r.episode_frames(e, ds.camera_key)
@@ -72,8 +124,10 @@ def _fmt(v: float) -> str:
     return f"{v: .4g}"
 
 
-def report(ds: Any) -> str:
-    """The text report of a loaded ``PolicyDataset``."""
+def report(ds: Any, findings: list[str] | None = None) -> str:
+    """The text report of a loaded ``PolicyDataset``, ending with ``findings`` (notes worth reading)."""
+    from damvla.data.dataset import feature_names
+
     r = ds.reader
     lines = [
         f"dataset   {r.root}",
@@ -92,12 +146,7 @@ def report(ds: Any) -> str:
         lines.append(f"  ... {len(r.tasks) - 20} more")
 
     st = r.stats[ds.action_key]
-    names = r.features[ds.action_key].get("names") or []
-    names = (
-        names
-        if isinstance(names, list) and len(names) == ds.action_dim
-        else [f"a{j}" for j in range(ds.action_dim)]
-    )
+    names = feature_names(r.features[ds.action_key], ds.action_dim) or [f"a{j}" for j in range(ds.action_dim)]
     lines.append(f"action {ds.action_key} ({ds.action_dim} dims):")
     lines.append(f"  {'dim':<10}{'min':>11}{'max':>11}{'q01':>11}{'q99':>11}  note")
     n = ds.normalizer
@@ -136,11 +185,15 @@ def report(ds: Any) -> str:
             )
     if ds.phase_key:
         lines.append(f"routing   from phase column {ds.phase_key!r} ({ds.num_experts} experts)")
-    bal = ds.router_label_balance()
-    total = max(int(bal.sum()), 1)
-    lines.append(
-        "router labels: "
-        + "  ".join(f"{k}:{c} ({100 * c / total:.1f}%)" for k, c in enumerate(bal))
-        + f"   (sigma_lead {ds.sigma_lead:g}, sigma_trail {ds.sigma_trail:g})"
-    )
+    if getattr(ds, "has_routing", True):
+        bal = ds.router_label_balance()
+        total = max(int(bal.sum()), 1)
+        lines.append(
+            "router labels: "
+            + "  ".join(f"{k}:{c} ({100 * c / total:.1f}%)" for k, c in enumerate(bal))
+            + f"   (sigma_lead {ds.sigma_lead:g}, sigma_trail {ds.sigma_trail:g})"
+        )
+    if findings:
+        lines.append("findings:")
+        lines += [f"  - {f}" for f in findings]
     return "\n".join(lines)

@@ -97,6 +97,18 @@ class GripperSpec:
         }
 
 
+def feature_names(feature: dict[str, Any], dim: int) -> list[str] | None:
+    """The ``dim`` per-dimension names of an info.json feature, or None when it has none that fit.
+
+    LeRobot writes ``"names": [...]``, older datasets ``"names": {"motors": [...]}``."""
+    names = feature.get("names")
+    if isinstance(names, dict) and len(names) == 1:
+        names = next(iter(names.values()))
+    if isinstance(names, list) and len(names) == dim and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
+
+
 def binarize_gripper(g: np.ndarray, threshold: float, open_value: float) -> np.ndarray:
     """Raw gripper values ``(...)`` -> float32 {0, 1} with 1 = open."""
     g = np.asarray(g, dtype=np.float64)
@@ -131,6 +143,9 @@ class PolicyDataset(Dataset):
         action_key, state_key: feature names read as the action and the state (emitted as ``action`` and
             ``observation.state``).
         progress: show a progress bar while loading (default: for 200+ episodes).
+        require_routing: with ``False``, a dataset with neither a gripper index nor ``phase_key`` loads
+            with no routing signal (every label 0, every trajectory weight 0) instead of failing; for
+            validating the format (``damvla data check``). See ``has_routing``.
     """
 
     def __init__(
@@ -154,6 +169,7 @@ class PolicyDataset(Dataset):
         action_key: str = ACTION_KEY,
         state_key: str = STATE_KEY,
         progress: bool | None = None,
+        require_routing: bool = True,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
@@ -190,7 +206,7 @@ class PolicyDataset(Dataset):
         dam = r.info.get("damvla") or {}
         if gripper_index is None:
             gripper_index = dam.get("gripper_index")
-        if gripper_index is None and phase_key is None:
+        if gripper_index is None and phase_key is None and require_routing:
             raise ValueError(
                 f"{info_path}: no gripper index: pass gripper_index (e.g. --gripper-index) or write "
                 f'info["damvla"]["gripper_index"]; or pass phase_key to route on another signal'
@@ -204,6 +220,7 @@ class PolicyDataset(Dataset):
                     f"gripper_index {gripper_index} outside the action dimension {self.action_dim}"
                 )
         self.gripper_index = gripper_index
+        self.has_routing = gripper_index is not None or phase_key is not None
 
         # -- episodes -----------------------------------------------------------------------------
         self.episode_indices = [int(e) for e in (episodes if episodes is not None else r.episodes)]
@@ -414,7 +431,8 @@ class PolicyDataset(Dataset):
                 t, weighting.signal_events(ph, self.phase_threshold), self.sigma_lead, self.sigma_trail
             )
             return w, (w >= 0.5).astype(np.int64)
-        assert binary is not None  # __init__ guarantees a gripper when there is no phase key
+        if binary is None:  # no routing signal (require_routing=False): nothing to weight or label
+            return np.zeros(t, np.float32), np.zeros(t, np.int64)
         w = weighting.trajectory_weights(binary, self.sigma_lead, self.sigma_trail, threshold=0.5)
         return w, (w >= 0.5).astype(np.int64)
 
@@ -499,6 +517,8 @@ class PolicyDataset(Dataset):
             "action_key": self.action_key,
             "state_key": self.state_key,
             "features": {k: list(ft["shape"]) for k, ft in r.features.items()},
+            # the action dimensions' names from info.json (the server advertises them); None when absent
+            "action_names": feature_names(r.features[self.action_key], self.action_dim),
             "gripper": self.gripper.as_dict() if self.gripper else None,
             "phase_key": self.phase_key,
             "sigma_lead": self.sigma_lead,

@@ -921,6 +921,13 @@ class LeRobotDatasetReader:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         info_path = self.root / INFO_PATH
+        if self.root.is_file():
+            # e.g. DIR/meta/info.json given for DIR: say so instead of looking for DIR/meta/info.json/meta/...
+            inside = self.root.parents[1] if self.root.name == "info.json" and self.root.parent.name == "meta" else None
+            raise DatasetError(
+                f"{self.root}: expected the dataset folder, got a file"
+                + (f" (the dataset folder is probably {inside})" if inside is not None else "")
+            )
         if not info_path.is_file():
             hint = ""
             if self.root.with_name(self.root.name + ".partial").exists():

@@ -176,6 +176,22 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# recipe key -> the command-line option that sets it (for messages)
+RECIPE_FLAGS = {"tasks": "--suite", "episodes_per_task": "--episodes", "camera": "--camera",
+                "resolution": "--resolution", "release": "--release", "max_steps": "--max-steps",
+                "seed_offset": "--seed-offset"}  # fmt: skip
+
+
+def recipe_difference(dataset: dict[str, Any], command: dict[str, Any]) -> str:
+    """``"--resolution: dataset 32, this command 64; ..."`` for every recipe setting that differs."""
+    diffs = []
+    for key, value in command.items():
+        if dataset.get(key) != value:
+            have = dataset[key] if key in dataset else "not recorded"
+            diffs.append(f"{RECIPE_FLAGS.get(key, key)}: dataset {have}, this command {value}")
+    return "; ".join(diffs)
+
+
 def collect_metaworld(
     out: str | Path,
     suite: str,
@@ -243,8 +259,8 @@ def collect_metaworld(
             }
         # ValueError (not FileExistsError) so the CLI reports it as a usage error with exit code 1.
         raise ValueError(
-            f"{out} is already a finished dataset made with different settings; choose another --out or "
-            f"pass --overwrite"
+            f"{out} is already a finished dataset made with different settings ({recipe_difference(old, recipe_key)}); "
+            f"choose another --out or pass --overwrite"
         )
 
     # Fail fast in this process (bad camera name, no EGL) before spawning workers.

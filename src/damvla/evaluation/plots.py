@@ -34,7 +34,7 @@ def plot_router(
         t = np.arange(len(w))
         if len(w) and np.isfinite(w).any():
             ax.step(t, w, where="post", color="tab:blue", lw=1.5, label="router weight w")
-            ax.axhline(0.5, color="tab:blue", lw=0.6, ls=":")
+            ax.axhline(0.5, color="tab:blue", lw=0.6, ls=":", label="w = 0.5 (head switch)")
         if gripper is not None and len(gripper):
             ax.step(
                 np.arange(len(gripper)),
@@ -68,7 +68,7 @@ def plot_router(
             )
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("step")
-        ax.set_ylabel("w / label")
+        ax.set_ylabel("router w (≥ 0.5: gripper head)\n/ label (1 = gripper phase)", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
         fig.tight_layout()

@@ -1,4 +1,4 @@
-"""Evaluation outputs: ``results.json``, ``report.md`` and marked sections of a results page.
+"""Evaluation outputs: ``results.json``, ``report.md``, ``index.html`` and marked sections of a results page.
 
 A results page (``docs/results.md``) is written only by ``damvla eval --append-results PAGE``: each run
 owns the section between ``<!-- damvla-eval:begin ID -->`` and ``<!-- damvla-eval:end ID -->`` (ID from
@@ -7,10 +7,12 @@ the title), which a rerun with the same title replaces in place; everything else
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 PAGE_HEADER = """# Results
 
@@ -27,14 +29,42 @@ def _num(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def render_markdown(results: dict[str, Any], title: str, heading: str = "##") -> str:
-    """The report of one run as markdown: a header block, the per-task table and the overall row."""
+# The two throughputs differ by design; each is labelled where it is shown so a reader sees why.
+WALL_RATE_NOTE = "wall clock over the whole run: simulation, rendering and policy, all workers together"
+ENV_RATE_NOTE = (
+    "*env steps/s (in env.step)*: steps per second of time spent inside `env.step` (simulation and "
+    "rendering, no policy), per worker; the overall figure above is wall clock instead, so the two differ"
+)
+
+
+def checkpoint_text(cfg: dict[str, Any]) -> str:
+    """``checkpoint `X` (folder `Y`, step N)``: what was asked for and the folder it resolved to."""
+    text = f"checkpoint `{cfg['checkpoint']}`"
+    folder, step = cfg.get("checkpoint_folder"), cfg.get("checkpoint_step")
+    extra = []
+    if folder and folder != cfg["checkpoint"]:
+        extra.append(f"folder `{folder}`")
+    if step is not None:
+        extra.append(f"step {step}")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _media(results: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """``(episode key, relative path)`` of every episode that has a ``video`` / ``plot``, in run order."""
+    return [(e["key"], e[key]) for e in results.get("episodes", []) if e.get(key)]
+
+
+def render_markdown(results: dict[str, Any], title: str, heading: str = "##", links: bool = False) -> str:
+    """The report of one run as markdown: a header block, the per-task table and the overall row.
+
+    ``links``: also list the videos and plots as links relative to the output folder (``report.md``
+    inside it; a results page elsewhere would get broken links, so it is off by default)."""
     cfg = results["config"]
     ov = results["overall"]
     lines = [f"{heading} {title}", ""]
     lines.append(f"Command: `{results['command']}`")
     lines.append("")
-    policy = cfg["policy"] if cfg["policy"] != "checkpoint" else f"checkpoint `{cfg['checkpoint']}`"
+    policy = cfg["policy"] if cfg["policy"] != "checkpoint" else checkpoint_text(cfg)
     exe = cfg.get("execution")
     exe_txt = (
         ""
@@ -51,11 +81,12 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##") ->
     lines.append(
         f"damvla {v.get('damvla', '?')} (commit {v.get('git_commit') or 'n/a'}{' dirty' if v.get('git_dirty') else ''}), "
         f"torch {v.get('torch', '?')}, mujoco {v.get('mujoco', '?')}, metaworld {v.get('metaworld', '?')}; "
-        f"{results['timing']['wall_seconds']:.0f} s wall, {results['timing']['env_steps_per_s_wall']:.0f} env steps/s overall."
+        f"{results['timing']['wall_seconds']:.0f} s wall, {results['timing']['env_steps_per_s_wall']:.0f} env steps/s "
+        f"overall ({WALL_RATE_NOTE})."
     )
     lines.append("")
     lines.append(
-        "| task | success | Wilson 95% CI | mean steps to success | policy ms/step | env steps/s | errors |"
+        "| task | success | Wilson 95% CI | mean steps to success | policy ms/step | env steps/s (in env.step) | errors |"
     )
     lines.append("|---|---|---|---|---|---|---|")
 
@@ -73,7 +104,7 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##") ->
     lines.append("")
     lines.append(
         "Average: unweighted mean of the task success rates; its interval is the Wilson interval of the "
-        "pooled counts. Errored episodes count as failures."
+        "pooled counts. Errored episodes count as failures. " + ENV_RATE_NOTE + "."
     )
     if "milestones" in ov:
         names = list(ov["milestones"])
@@ -85,16 +116,124 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##") ->
         for task, s in [*results["tasks"].items(), ("**all**", ov)]:
             n = s["episodes"]
             lines.append(f"| {task} | " + " | ".join(f"{s['milestones'][k]}/{n}" for k in names) + " |")
+    if links:
+        for key, label in (("video", "Videos"), ("plot", "Router plots")):
+            media = _media(results, key)
+            if media:
+                lines += ["", f"{label}: " + ", ".join(f"[{k}]({quote(p)})" for k, p in media)]
     return "\n".join(lines) + "\n"
 
 
+HTML_STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
+code { background: #f3f3f3; padding: 0 .25em; border-radius: 3px; overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: .8em 0; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.overall { font-weight: bold; background: #f6f6f6; }
+.note { color: #555; font-size: 90%; }
+.media { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; }
+figcaption { font-size: 85%; color: #555; }
+video { width: 320px; background: #000; }
+img { max-width: 100%; }
+"""
+
+
+def _h(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def render_html(results: dict[str, Any], title: str) -> str:
+    """The report of one run as one self-contained HTML page (inline CSS, no scripts, no network):
+    the success table with Wilson intervals, the phase flags, the videos (``<video controls>``) and the
+    router plots by relative path, and the exact command and versions."""
+    cfg, ov, timing = results["config"], results["overall"], results["timing"]
+    policy = cfg["policy"] if cfg["policy"] != "checkpoint" else checkpoint_text(cfg)
+    policy = re.sub(r"`([^`]*)`", r"<code>\1</code>", _h(policy))  # escaped first, then `x` -> <code>
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_h(title)}</title>",
+        f"<style>{HTML_STYLE}</style></head><body>",
+        f"<h1>{_h(title)}</h1>",
+        f"<p>Policy: {policy}. Suite <code>{_h(cfg['suite'])}</code> ({len(cfg['tasks'])} tasks &times; "
+        f"{_h(cfg['episodes'])} episodes), noise seed {_h(cfg['seed'])}, max steps "
+        f"{_h(cfg['max_steps'] or 'task default')}, camera {_h(cfg['camera'])} at {_h(cfg['resolution'])} px, "
+        f"device {_h(cfg['device'])}. {timing['wall_seconds']:.0f} s wall, "
+        f"{timing['env_steps_per_s_wall']:.0f} env steps/s overall ({_h(WALL_RATE_NOTE)}).</p>",
+        '<table id="success"><thead><tr><th>task</th><th>success</th><th>Wilson 95% CI</th>'
+        "<th>mean steps to success</th><th>policy ms/step</th><th>env steps/s (in env.step)</th>"
+        "<th>errors</th></tr></thead><tbody>",
+    ]
+
+    def row(name: str, s: dict[str, Any], cls: str = "") -> str:
+        lo, hi = s["wilson95"]
+        cells = [name, f"{_pct(s['success_rate'])} ({s['successes']}/{s['episodes']})", f"[{_pct(lo)}, {_pct(hi)}]",
+                 _num(s["mean_steps_to_success"]), _num(s["policy_ms_per_step"], ".2f"),
+                 _num(s["env_steps_per_s"], ".0f"), s["errors"]]  # fmt: skip
+        attr = f' class="{cls}"' if cls else ""
+        return f"<tr{attr}>" + "".join(f"<td>{_h(c)}</td>" for c in cells) + "</tr>"
+
+    out += [row(t, s) for t, s in results["tasks"].items()]
+    out.append(row("average", ov, "overall"))
+    out.append("</tbody></table>")
+    out.append(
+        '<p class="note">Average: unweighted mean of the task success rates; its interval is the Wilson '
+        "interval of the pooled counts. Errored episodes count as failures. "
+        + _h(ENV_RATE_NOTE.replace("*", "").replace("`", ""))
+        + ".</p>"
+    )
+    if "milestones" in ov:
+        names = list(ov["milestones"])
+        out.append("<h2>Phase flags</h2>")
+        out.append(
+            '<p class="note">Episodes in which the simulator\'s own per-step flag was ever set (Meta-World: '
+            "<i>reached</i> = <code>near_object</code>, the hand within 3 cm of the object; <i>grasped</i> = "
+            "<code>grasp_success</code>, the object held and lifted, which pushing tasks never need).</p>"
+        )
+        out.append('<table id="phases"><thead><tr><th>task</th>' + "".join(f"<th>{_h(n)}</th>" for n in names)
+                   + "</tr></thead><tbody>")  # fmt: skip
+        for task, s in [*results["tasks"].items(), ("all", ov)]:
+            n = s["episodes"]
+            cls = ' class="overall"' if task == "all" and s is ov else ""
+            out.append(f"<tr{cls}><td>{_h(task)}</td>"
+                       + "".join(f"<td>{s['milestones'][k]}/{n}</td>" for k in names) + "</tr>")  # fmt: skip
+        out.append("</tbody></table>")
+    videos = _media(results, "video")
+    if videos:
+        out.append('<h2>Videos</h2><p class="note">Router weight, head and gripper drawn under each frame.</p>')
+        out.append('<div class="media">')
+        out += [f'<figure><video controls preload="metadata" src="{_h(quote(p))}"></video>'
+                f"<figcaption>{_h(k)}</figcaption></figure>" for k, p in videos]  # fmt: skip
+        out.append("</div>")
+    plots = _media(results, "plot")
+    if plots:
+        out.append('<h2>Router plots</h2><p class="note">Router weight w per step (w &ge; 0.5 selects the '
+                   "gripper head) against the routing labels of the executed and of the expert's gripper "
+                   "commands.</p>")  # fmt: skip
+        out += [f'<figure><img src="{_h(quote(p))}" alt="{_h(k)}" loading="lazy">'
+                f"<figcaption>{_h(k)}</figcaption></figure>" for k, p in plots]  # fmt: skip
+    out.append("<h2>Command and versions</h2>")
+    out.append(f"<pre><code>{_h(results['command'])}</code></pre>")
+    vers = results.get("versions") or {}
+    if vers:
+        out.append('<table id="versions"><tbody>')
+        out += [f"<tr><td>{_h(k)}</td><td>{_h(v)}</td></tr>" for k, v in vers.items()]
+        out.append("</tbody></table>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
 def write_results(out_dir: Path, results: dict[str, Any], title: str) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``report.md`` into ``out_dir``; returns their paths."""
+    """Write ``results.json``, ``report.md`` and ``index.html`` into ``out_dir``; returns the first two."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rj = out_dir / "results.json"
     rj.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     rm = out_dir / "report.md"
-    rm.write_text(render_markdown(results, title, heading="#"))
+    rm.write_text(render_markdown(results, title, heading="#", links=True)
+                  + "\nThe same report with the videos inline: [index.html](index.html).\n")  # fmt: skip
+    (out_dir / "index.html").write_text(render_html(results, title))
     return rj, rm
 
 

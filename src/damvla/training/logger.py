@@ -61,8 +61,10 @@ class MetricLogger:
             self.wandb.finish()
 
 
-def plot_losses(jsonl: Path, png: Path) -> Path | None:
-    """Loss curves from metrics.jsonl (one panel per term, raw and smoothed) -> PNG. None when empty."""
+def plot_losses(jsonl: Path, png: Path, title: str | None = None) -> Path | None:
+    """Loss curves from metrics.jsonl (one panel per term, raw and smoothed) -> PNG. None when empty.
+
+    ``title`` defaults to the run folder's name (``jsonl``'s parent)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,16 +82,19 @@ def plot_losses(jsonl: Path, png: Path) -> Path | None:
     for ax, k in zip(axes[:, 0], keys):
         pts = [(r["step"], r[k]) for r in rows if k in r]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.plot(xs, ys, lw=0.8, alpha=0.4)
+        ax.plot(xs, ys, lw=0.8, alpha=0.4, label="raw (logged values)")
         # Centred moving average: unlike an EMA it does not lag behind the raw curve.
         half = max(1, len(ys) // 40)
         sm = [sum(ys[max(0, i - half) : i + half + 1]) / len(ys[max(0, i - half) : i + half + 1]) for i in range(len(ys))]
-        ax.plot(xs, sm, lw=1.5)
+        ax.plot(xs, sm, lw=1.5, label="smoothed (centred moving average)")
         ax.set_ylabel(k)
         if k.startswith("loss") and min(ys) > 0:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
+    axes[0, 0].legend(loc="upper right", fontsize=7, framealpha=0.8)  # the same two lines in every panel
+    last = rows[-1]["step"]
+    fig.suptitle(f"{title or jsonl.resolve().parent.name}: training curves to step {last}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
