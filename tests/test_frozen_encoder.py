@@ -120,3 +120,25 @@ def test_train_on_cached_features_validates_and_resumes_exactly(tmp_path: Path) 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_cogact_baseline_trains_on_a_dataset_without_a_gripper(tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    from damvla.data.lerobot import LeRobotWriter
+
+    cam = "observation.images.image"
+    feats = {cam: {"dtype": "image", "shape": [16, 16, 3]}, "observation.state": {"dtype": "float32", "shape": [2]},
+             "action": {"dtype": "float32", "shape": [3]}}  # fmt: skip
+    w = LeRobotWriter(tmp_path / "ds", fps=10, features=feats, image_mode="image")
+    for e in range(2):
+        rng = np.random.default_rng(e)
+        w.add_episode({cam: rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8),
+                       "observation.state": np.zeros((6, 2), np.float32),
+                       "action": rng.normal(size=(6, 3)).astype(np.float32)}, task="reach")  # fmt: skip
+    ds = w.finalize()
+    common = ["train", "--preset", "tiny", "--dataset", str(ds), "--steps", "2", "--batch-size", "2", "--warmup", "1",
+              "--threads", "1", "action_dim=3", "gripper_index=null", "dit.depth=1", "language.num_layers=2"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "cog"), "--ablation", "cogact"]) == 0
+    assert main([*common, "--out", str(tmp_path / "dam")]) != 0  # DAM-VLA needs routing labels
+    assert "no gripper index" in capsys.readouterr().err

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from damvla.evaluation.report import render_markdown
+
 REPO = Path(__file__).resolve().parents[2]
 RELEASED = REPO / "checkpoints" / "damvla-cpu-grip3"
 DEMO_TASKS = "pick-place-v3,push-v3"  # demonstrations collected and trained on in step 2
@@ -137,7 +139,8 @@ def _write_report(
         "",
         f"## 3. The released checkpoint, closed loop (`{args.checkpoint.name}`)",
         "",
-        (eval_dir / "report.md").read_text().split("\n", 1)[1].strip(),
+        # eval's own report.md links relative to its folder; render the text without links for this page.
+        render_markdown(json.loads((eval_dir / "results.json").read_text()), "").split("\n", 1)[1].strip(),
         "",
         "Videos (router weight and gripper command under each frame):",
         *[f"- [{v.relative_to(out)}]({v.relative_to(out)})" for v in videos],

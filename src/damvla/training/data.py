@@ -79,6 +79,9 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
         ds = PolicyDataset(
             root, horizon=cfg.horizon, image_size=cfg.vision.image_size, camera=cam_key, gripper_index=gi,
             sigma_lead=cfg.weighting.sigma_lead, sigma_trail=cfg.weighting.sigma_trail, episodes=episodes,
+            # Routing labels and trajectory weights are read only by the router (DAM) and TW; the CogACT
+            # baseline trains on a dataset without any gripper or phase signal.
+            require_routing=cfg.ablation.dam or cfg.ablation.tw,
         )  # fmt: skip
     except DatasetError as e:
         raise ValueError(f"dataset {root}: {e}") from e
