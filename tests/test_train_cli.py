@@ -171,3 +171,14 @@ def test_short_run_warns_that_it_ends_inside_warmup_and_prints_no_json_dump(data
     out = capsys.readouterr().out
     assert "ends inside the learning-rate warm-up" in out
     assert '"policy": {' not in out  # the config is summarised, the whole of it is in train_config.json
+
+
+def test_a_bad_train_argument_is_refused_before_torch_is_imported() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom damvla.cli import main\ntry:\n    main(['train', '--steps', 'many'])\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "exit 2 False" in out.stdout, out.stdout + out.stderr
+    assert "invalid int value" in out.stderr

@@ -1,5 +1,6 @@
 """`damvla` command line. Each command lives in its own module exposing
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs."""
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their command runs. A
+module whose arguments are parsed before heavy imports names its runner in ``RUN_MODULE``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("damvla.info", "print a preset's resolved config and parameter counts"),
     "collect": ("damvla.envs.collect", "collect scripted-expert demonstrations (LeRobot v3.0)"),
     "data": ("damvla.data.check", "dataset tools: `damvla data check DIR`"),
-    "train": ("damvla.train", "train a policy on a LeRobot dataset"),
+    "train": ("damvla.training.arguments", "train a policy on a LeRobot dataset"),
     "eval": ("damvla.evaluate", "closed-loop evaluation in simulation"),
     "compare": ("damvla.compare", "compare evaluated runs: table, difference to a baseline, training curves"),
     "serve": ("damvla.serve", "serve a checkpoint over openpi's websocket protocol"),
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd)
     args = cmd.parse_args(argv[1:])
     try:
-        return int(module.run(args) or 0)
+        runner = importlib.import_module(getattr(module, "RUN_MODULE", module.__name__))
+        return int(runner.run(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"damvla {name}: error: {e}", file=sys.stderr)
         return 1

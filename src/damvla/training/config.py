@@ -36,7 +36,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema: float | None = None  # EMA decay of the trainable weights; the exported policy then holds the EMA
-    freeze: str = "full"  # full | vision | llm | heads_only (see damvla.training.model.FREEZE_HELP)
+    freeze: str = "full"  # full | vision | llm | heads_only (see damvla.training.arguments.FREEZE_HELP)
     lora: int = 0  # LoRA rank on the LLM's linear layers; 0 = off
     lora_alpha: float | None = None  # default 2 * rank
     save_every: int = 1000

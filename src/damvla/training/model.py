@@ -11,11 +11,6 @@ from torch import nn
 
 from damvla.model.policy import DAMVLAPolicy
 
-FREEZE_HELP = (
-    "full: everything trains; vision: both vision encoders frozen; llm: vision encoders and the LLM frozen "
-    "(projector, router, heads train; LoRA adapters train when --lora is set); heads_only: only the DiT heads "
-    "and the router train"
-)
 # Parameters the policy's forward never reads (DINOv2's masked-image-modelling token): they would get no
 # gradient, which DDP treats as an error and AdamW as missing state, so they never train.
 UNUSED_PARAMS = ("vision.dinov2.embeddings.mask_token",)
@@ -38,7 +33,7 @@ def component_of(name: str) -> str:
 
 
 def apply_freeze(policy: DAMVLAPolicy, stage: str) -> None:
-    """Set requires_grad per freezing stage (see FREEZE_HELP). LoRA adapters are handled by add_lora."""
+    """Set requires_grad per freezing stage (see damvla.training.arguments.FREEZE_HELP). LoRA adapters are handled by add_lora."""
     frozen: list[nn.Module] = []
     if stage in ("vision", "llm", "heads_only") or policy.config.vision.frozen:
         frozen.append(policy.vision)
