@@ -160,3 +160,17 @@ def test_interrupted_build_resumes_from_its_parts(dataset: Path, tmp_path: Path,
     np.testing.assert_allclose(full, np.load(fresh.dir / "patches.npy"), rtol=1e-5, atol=1e-6)
     meta = json.loads((cache.dir / "meta.json").read_text())
     assert meta["frames"] == len(ds) == full.shape[0]
+
+
+def test_cached_dataset_pickles_without_its_arrays(dataset: Path, tmp_path: Path) -> None:
+    import pickle
+
+    policy, ds = make(dataset)
+    cache = FeatureCache.for_policy(policy, ds, tmp_path)
+    cache.build(policy.vision, ds, progress=False)
+    cached = CachedFeatureDataset(ds, cache)
+    first = cached[3]
+    blob = pickle.dumps(cached)  # what a DataLoader worker receives
+    assert len(blob) < np.load(cache.dir / "patches.npy", mmap_mode="r").nbytes
+    again = pickle.loads(blob)[3]
+    assert torch.equal(again["features.patches"], first["features.patches"])

@@ -186,6 +186,10 @@ class FeatureCache:
             self._arrays = {k: np.load(self.dir / f"{k}.npy", mmap_mode="r") for k in FEATURE_KEYS}
         return self._arrays
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers re-open the memory maps instead of receiving a pickled copy of the arrays.
+        return self.__dict__ | {"_arrays": None}
+
     def episode_rows(self) -> dict[int, tuple[int, int]]:
         """episode index -> (first row, length)."""
         meta = json.loads((self.dir / "meta.json").read_text())
@@ -207,7 +211,6 @@ class CachedFeatureDataset(Dataset):
                 raise ValueError(f"feature cache {cache.dir} does not hold episode {e} of {dataset.root} as it is now")
             starts.append(rows[e][0])
         self._row_start = np.asarray(starts, dtype=np.int64)
-        self.arrays = cache.arrays()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -216,12 +219,13 @@ class CachedFeatureDataset(Dataset):
         x = self.dataset.get(i, image=False)
         i = int(i) % len(self.dataset)
         row = int(self._row_start[self.dataset._sample_ep[i]] + self.dataset._sample_frame[i])
+        arrays = self.cache.arrays()
         for k, key in FEATURE_KEYS.items():
-            x[key] = torch.from_numpy(np.array(self.arrays[k][row]))
+            x[key] = torch.from_numpy(np.array(arrays[k][row]))
         return x
 
     # What the trainer's sampler and logs read from a dataset.
     def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "cache", "arrays", "_row_start"):
+        if name in ("dataset", "cache", "_row_start"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
