@@ -19,6 +19,7 @@ from typing import Any
 
 from damvla.evaluation.report import append_section, section_id
 from damvla.evaluation.stats import wilson_interval
+from damvla.training.logger import read_metrics
 
 
 @dataclass
@@ -51,11 +52,9 @@ def parse_run(spec: str) -> Run:
         if not mf.is_file():
             raise FileNotFoundError(f"--run {name}: {mf} does not exist (is {train_dir} a `damvla train` run?)")
         by_step = {}
-        for line in mf.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if "step" in row and "loss" in row:
-                    by_step[row["step"]] = row  # a resumed run re-logs steps: keep the last
+        for row in read_metrics(mf):
+            if "step" in row and "loss" in row:
+                by_step[row["step"]] = row  # a resumed run re-logs steps: keep the last
         metrics = [by_step[s] for s in sorted(by_step)]
         # The run may have trained on after the evaluated checkpoint: curves and accuracies stop at it.
         m = re.search(r"step-(\d+)", str((results.get("config") or {}).get("checkpoint", "")))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from damvla.config import apply_overrides, preset
+from damvla.data.dataset import dataset_content_fingerprint
 from damvla.training import checkpoint as ckpt_io
 from damvla.training.arguments import FLAGS
 from damvla.training.augment import augment_images
@@ -96,6 +97,8 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, Path | None
         if "out" not in given:
             t["out"] = str(ckpt.parent.parent)
         return RunConfig(run.policy, TrainConfig.from_dict(t)), ckpt
+    if getattr(args, "allow_dataset_change", False):
+        raise ValueError("--allow-dataset-change applies to --resume only")
     missing = [f"--{k}" for k in ("dataset", "out") if k not in given]
     if missing:
         raise ValueError(f"{' and '.join(missing)} required (or --resume RUN_DIR)")
@@ -133,7 +136,8 @@ def seed_everything(seed: int) -> None:
 
 # ---- the trainer --------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, run: RunConfig, resume_from: Path | None, ctx: DistContext) -> None:
+    def __init__(self, run: RunConfig, resume_from: Path | None, ctx: DistContext,
+                 allow_dataset_change: bool = False) -> None:  # fmt: skip
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -153,6 +157,15 @@ class Trainer:
         train_eps, val_eps = split_episodes(full.episode_indices, tc.val_episodes)
         self.dataset = build_dataset(tc.dataset, cfg, episodes=train_eps) if val_eps else full
         self.val_dataset = build_dataset(tc.dataset, cfg, episodes=val_eps) if val_eps else None
+        self.dataset_fingerprint = dataset_content_fingerprint(full)
+        st: dict[str, Any] = {}
+        if resume_from is not None:
+            st = ckpt_io.load_state(resume_from)
+            self._check_dataset(resume_from, st.get("dataset_fingerprint"), allow_dataset_change)
+        if ctx.is_main:
+            # A crashed (or disk-full) write leaves its temp folder; it holds space the next save needs.
+            for p in ckpt_io.remove_stale_temp(self.ckpt_root):
+                print(f"note: removed {p}, left by an interrupted checkpoint write", flush=True)
         seed_everything(tc.seed)  # identical initial weights on every rank (FSDP2 does not broadcast them)
         if resume_from is None:
             policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata)
@@ -164,9 +177,7 @@ class Trainer:
                                       load_vision=vision_referenced(cfg))  # fmt: skip
         apply_freeze(policy, tc.freeze)
         self.lora_scaling = add_lora(policy, tc.lora, tc.lora_alpha) if tc.lora else None
-        st: dict[str, Any] = {}
         if resume_from is not None:
-            st = ckpt_io.load_state(resume_from)
             # Live weights: in training_state when they differ from the exported ones (EMA / LoRA).
             live = st.pop("model", None) or load_file(str(resume_from / "model.safetensors"))
             if vision_referenced(cfg):  # the exported file references the frozen encoder built above
@@ -228,6 +239,24 @@ class Trainer:
                                  f"the run had {st['steps_per_epoch']} (was --dataset changed?)")  # fmt: skip
         self.last_checkpoint: Path | None = resume_from
         self.logger: MetricLogger | None = None
+
+    def _check_dataset(self, resume_from: Path, saved: str | None, allow_change: bool) -> None:
+        """Resuming on other data silently makes a different run: refuse unless --allow-dataset-change."""
+        if saved == self.dataset_fingerprint:
+            return
+        was = RunConfig.load(resume_from / ckpt_io.RUN_CONFIG_FILE).train.dataset
+        if saved is None:  # runs saved before checkpoints recorded the dataset's fingerprint
+            self.print(f"note: {resume_from} records no dataset fingerprint (an older run): cannot check that "
+                       f"--dataset {self.tc.dataset} holds the same data as the run's {was}")  # fmt: skip
+        elif allow_change:
+            self.print(f"note: --allow-dataset-change: the run continues on {self.tc.dataset} "
+                       f"(its contents differ from the run's dataset {was})")  # fmt: skip
+        else:
+            raise ValueError(
+                f"--resume {resume_from}: dataset {self.tc.dataset} differs in content from the run's dataset {was} "
+                f"(fingerprint {self.dataset_fingerprint[:12]} vs {saved[:12]}); resume with the same data, or pass "
+                "--allow-dataset-change to continue the run on the new data"
+            )
 
     def print(self, *a: Any) -> None:
         if self.ctx.is_main:
@@ -364,7 +393,7 @@ class Trainer:
                 "steps_per_epoch": self.stream.steps_per_epoch, "global_batch": self.global_batch,
                 "world_size": self.ctx.world_size, "optimizer": optim, "scheduler": self.sched.state_dict(),
                 "rng": rngs, "ema": None if self.ema is None else {**self.ema.state_dict(), "shadow": ema},
-                "wall_time_s": self.wall_time,
+                "wall_time_s": self.wall_time, "dataset_fingerprint": self.dataset_fingerprint,
                 # the live weights, when the exported ones differ from them
                 "model": full if (self.ema is not None or self.lora_scaling is not None) else None,
             }  # fmt: skip
@@ -374,7 +403,8 @@ class Trainer:
                 (tmp / ckpt_io.RUN_CONFIG_FILE).write_text(self.run.to_json())
                 ckpt_io.save_state(tmp / ckpt_io.STATE_FILE, state)
 
-            path = ckpt_io.write_checkpoint(self.ckpt_root, self.step, write, self.tc.keep_last)
+            size = ckpt_io.tensor_bytes(exported) + ckpt_io.tensor_bytes(state)  # the estimate without a previous one
+            path = ckpt_io.write_checkpoint(self.ckpt_root, self.step, write, self.tc.keep_last, size_hint=size)
             self.last_checkpoint = path
         self.ctx.barrier()
         return path
@@ -430,7 +460,7 @@ class Trainer:
                     path = self.save()
                     if path is not None:
                         bar.write(f"step {self.step}: checkpoint {path}")
-        except TrainingDiverged as e:
+        except (TrainingDiverged, ckpt_io.NoSpaceLeft) as e:
             bar.close()
             self._finish()
             print(f"damvla train: error: {e}", file=sys.stderr, flush=True)
@@ -497,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_cfg, resume_from = resolve_run_config(args)
         set_threads(run_cfg.train.threads)
-        trainer = Trainer(run_cfg, resume_from, ctx)
+        trainer = Trainer(run_cfg, resume_from, ctx, allow_dataset_change=bool(getattr(args, "allow_dataset_change", False)))
         trainer.describe()
         return trainer.fit()
     finally:

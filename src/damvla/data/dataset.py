@@ -20,6 +20,7 @@ shuffled epoch decodes each episode about once per worker instead of once per sa
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -581,3 +582,25 @@ class EpisodeBlockSampler(Sampler[int]):
         for b in range(0, len(order), self.block_episodes):
             idx = np.concatenate([np.arange(*self.ranges[p]) for p in order[b : b + self.block_episodes]])
             yield from rng.permutation(idx).tolist()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_content_fingerprint(ds: PolicyDataset) -> str:
+    """sha256 over what training reads: every file under ``meta/`` and ``data/`` (actions, states and,
+    in image datasets, the frames live in ``data/``) plus the selected camera's video files, as
+    (sorted relative path, sha256 of bytes). Two datasets with the same length but other actions differ."""
+    root = ds.root
+    files = {p for sub in ("meta", "data") for p in (root / sub).rglob("*") if p.is_file()}
+    if ds.camera_key in ds.reader.video_keys:
+        files |= {ds.reader.video_path(e, ds.camera_key) for e in ds.episode_indices}
+    h = hashlib.sha256()
+    for rel in sorted(str(p.relative_to(root)) for p in files):
+        h.update(f"{rel}:{_sha256_file(root / rel)}\n".encode())
+    return h.hexdigest()

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run folder: checkpoints/, tb/, metrics.jsonl, loss_curves.png")
     p.add_argument("--steps", type=int, default=None, help=f"TOTAL optimiser steps of the run, also when resuming (default {d.steps})")
     p.add_argument("--resume", default=None, help="a run folder or checkpoint folder: continue that run exactly")
+    p.add_argument("--allow-dataset-change", action="store_true",
+                   help="with --resume: continue the run on a dataset whose contents differ from the run's")  # fmt: skip
     p.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a named row of the paper's Table VI")
     p.add_argument("--batch-size", type=int, default=None, help=f"per device and micro-step (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, default=None, help=f"micro-steps per optimiser step (default {d.grad_accum})")

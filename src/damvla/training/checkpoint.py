@@ -12,6 +12,7 @@ every file is never the target of ``latest`` and is ignored when looking for one
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -46,20 +47,76 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and all((path / f).is_file() for f in REQUIRED)
 
 
-def write_checkpoint(ckpt_root: Path, step: int, write_files: Callable[[Path], None], keep_last: int) -> Path:
+class NoSpaceLeft(OSError):
+    """The disk filled up while a checkpoint was written (its temp folder has been removed)."""
+
+
+# How torch.save reports a failed write of its zip archive (it hides the ENOSPC behind these).
+_TORCH_WRITE_FAILURES = ("unexpected pos", "inline_container", "failed writing", "file write failed")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict / list (a checkpoint's size, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def remove_stale_temp(ckpt_root: Path) -> list[Path]:
+    """Remove the ``.tmp-step-*`` folders that interrupted writes left (call before this process writes);
+    they hold the space the next checkpoint needs. Returns the removed folders."""
+    stale = sorted(ckpt_root.glob(".tmp-step-*")) if ckpt_root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def write_checkpoint(ckpt_root: Path, step: int, write_files: Callable[[Path], None], keep_last: int,
+                     size_hint: int | None = None) -> Path:  # fmt: skip
     """Create ``ckpt_root/step-XXXXXXX`` atomically: ``write_files(tmp_dir)`` fills a temp folder, which
-    is renamed into place; then ``latest`` is updated and all but the newest ``keep_last`` are removed."""
+    is renamed into place; then ``latest`` is updated and all but the newest ``keep_last`` are removed.
+
+    A failed write removes the temp folder (else it keeps the disk full and the next try fails too); a full
+    disk raises ``NoSpaceLeft`` with the space needed: the previous checkpoint's size, else ``size_hint``."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_name(step)
     tmp = ckpt_root / f".tmp-{step_name(step)}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_files(tmp)
-    missing = [f for f in REQUIRED if not (tmp / f).is_file()]
-    if missing:
-        raise RuntimeError(f"checkpoint writer left out {missing} in {tmp}")
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        write_files(tmp)
+        missing = [f for f in REQUIRED if not (tmp / f).is_file()]
+        if missing:
+            raise RuntimeError(f"checkpoint writer left out {missing} in {tmp}")
+        _fsync_tree(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_disk_full(e):
+            raise
+        previous = list_checkpoints(ckpt_root)
+        need = _folder_bytes(previous[-1]) if previous else size_hint
+        need_s = f"~{need / 2**20:.0f} MB" if need is not None else "an unknown amount"
+        free = shutil.disk_usage(ckpt_root).free / 2**20
+        raise NoSpaceLeft(
+            errno.ENOSPC,
+            f"no space left on {ckpt_root}: the checkpoint needs {need_s} ({free:.0f} MB free); "
+            f"step {step} was not saved. Free some space, then resume with --resume {ckpt_root.parent} ({e})",
+        ) from e
     if final.exists():  # the same step saved again (e.g. a resumed run ending where it started)
         old = ckpt_root / f".old-{step_name(step)}-{os.getpid()}"
         os.replace(final, old)

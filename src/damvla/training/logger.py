@@ -23,6 +23,28 @@ class Smoother:
         return dict(self.values)
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A torn last line (the process died mid-write) is dropped with a
+    note, so a crash never blocks a resume; a bad line before it is corruption and a ``ValueError``
+    naming the file and line."""
+    lines = path.read_text().splitlines()
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                print(f"note: {path}: line {i} is cut short (the run stopped mid-write); dropped it", flush=True)
+                break
+            raise ValueError(f"{path}: line {i} is not a JSON record ({e}); fix or delete that line") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {i} is not a JSON object: {line[:80]!r}")
+        rows.append(row)
+    return rows
+
+
 class MetricLogger:
     """Rank 0 only. Appends to metrics.jsonl (so a resumed run continues the same file)."""
 
@@ -34,8 +56,8 @@ class MetricLogger:
         self.jsonl_path = out / "metrics.jsonl"
         if resumed_step and self.jsonl_path.is_file():
             # drop records past the checkpoint we resume from (they will be redone)
-            keep = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
-            self.jsonl_path.write_text("".join(k + "\n" for k in keep))
+            keep = [r for r in read_metrics(self.jsonl_path) if r.get("step", 0) <= resumed_step]
+            self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self.jsonl = open(self.jsonl_path, "a")
         self.wandb = None
         if use_wandb:
@@ -70,7 +92,7 @@ def plot_losses(jsonl: Path, png: Path, title: str | None = None) -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()] if jsonl.is_file() else []
+    rows = read_metrics(jsonl) if jsonl.is_file() else []
     # A resumed run logs the steps after its checkpoint again: keep the last record of each step.
     rows = list({r["step"]: r for r in rows if "step" in r}.values())
     rows.sort(key=lambda r: r["step"])
