@@ -584,7 +584,8 @@ class EpisodeBlockSampler(Sampler[int]):
             yield from rng.permutation(idx).tolist()
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -602,5 +603,5 @@ def dataset_content_fingerprint(ds: PolicyDataset) -> str:
         files |= {ds.reader.video_path(e, ds.camera_key) for e in ds.episode_indices}
     h = hashlib.sha256()
     for rel in sorted(str(p.relative_to(root)) for p in files):
-        h.update(f"{rel}:{_sha256_file(root / rel)}\n".encode())
+        h.update(f"{rel}:{file_sha256(root / rel)}\n".encode())
     return h.hexdigest()

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from damvla.data.dataset import PolicyDataset
+from damvla.data.dataset import PolicyDataset, file_sha256
 from damvla.model.vision import FEATURE_KEYS
 from damvla.model.weights import state_fingerprint
 
@@ -44,14 +44,6 @@ EPISODES_PER_PART = 16  # parts of the resumable build (each written atomically)
 def default_cache_root() -> Path:
     """``$DAMVLA_FEATURE_CACHE``, else ``~/.cache/damvla/features``."""
     return Path(os.environ.get("DAMVLA_FEATURE_CACHE") or Path.home() / ".cache" / "damvla" / "features")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_fingerprint(ds: PolicyDataset) -> str:
@@ -65,7 +57,7 @@ def dataset_fingerprint(ds: PolicyDataset) -> str:
     head = {"camera": ds.camera_key, "image_size": ds.image_size, "episodes": ds.episode_indices, "frames": len(ds)}
     h.update(json.dumps(head, sort_keys=True).encode())
     for f in sorted(files):
-        h.update(f"{f.relative_to(ds.root)}:{_file_digest(f)}".encode())
+        h.update(f"{f.relative_to(ds.root)}:{file_sha256(f)}".encode())
     return h.hexdigest()
 
 
