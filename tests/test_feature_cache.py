@@ -62,8 +62,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("fc") / "ds")
 
 
-def test_loss_on_cached_features_equals_the_loss_computed_online(dataset: Path, tmp_path: Path) -> None:
-    policy, ds = make(dataset)
+@pytest.mark.parametrize("position", ["false", "true"])
+def test_loss_on_cached_features_equals_the_loss_computed_online(dataset: Path, tmp_path: Path, position: str) -> None:
+    policy, ds = make(dataset, f"vision.patch_position={position}")
     policy.set_state_stats([0.1, -0.2], [1.5, 0.5])
     cache = FeatureCache.for_policy(policy, ds, tmp_path)
     cache.build(policy.vision, ds, batch_size=4, progress=False)  # batches that split episodes
@@ -115,6 +116,9 @@ def test_changed_encoder_resolution_or_dataset_gives_another_cache(dataset: Path
     other = write_dataset(tmp_path / "other", seed=1)  # same shape, other frames
     p4, ds4 = make(other)
     assert FeatureCache.for_policy(p4, ds4, tmp_path).key != base.key
+
+    p_pos, ds_pos = make(dataset, "vision.patch_position=true")  # applied after the cache: the same cache
+    assert FeatureCache.for_policy(p_pos, ds_pos, tmp_path).key == base.key
 
     copy = write_dataset(tmp_path / "copy", seed=0)  # identical bytes elsewhere: same content, same cache
     p5, ds5 = make(copy)

