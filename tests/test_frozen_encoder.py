@@ -14,7 +14,7 @@ from transformers import Dinov2Model
 from damvla.cli import main
 from damvla.config import PolicyConfig, apply_overrides, preset
 from damvla.model.policy import VISION_REFERENCE, DAMVLAPolicy
-from damvla.model.vision import dinov2_config
+from damvla.model.vision import VisionFeatures, dinov2_config
 from damvla.normalize import ActionNormalizer
 from damvla.training.checkpoint import find_checkpoint
 from test_feature_cache import write_dataset
@@ -165,8 +165,6 @@ def test_patch_position_code_tells_the_gripper_queries_where_a_patch_is(position
         g = background.clone()
         g[0, cell] = thing
         grids.append(g)
-    from damvla.model.vision import VisionFeatures
-
     out = [policy.complete_features(VisionFeatures(g, torch.zeros(1, 1, c), torch.zeros(1, 0, c))).registers for g in grids]
     assert out[0].shape == (1, cfg.vision.gripper_queries, c)
     assert torch.allclose(out[0], out[1], atol=1e-6) != position

@@ -25,7 +25,13 @@ from damvla.model.language import LanguageBackbone
 from damvla.model.loss import diffusion_losses, dual_scale_weights, router_loss
 from damvla.model.router import Router
 from damvla.model.tokenizer import ByteTokenizer, HFTokenizer
-from damvla.model.vision import FEATURE_KEYS, DualVisionEncoder, GripperQueries, VisionFeatures, grid_position_code
+from damvla.model.vision import (
+    FEATURE_KEYS,
+    DualVisionEncoder,
+    GripperQueries,
+    VisionFeatures,
+    grid_position_code,
+)
 from damvla.model.weights import load_safetensors_into, skip_init, state_fingerprint
 from damvla.normalize import ActionNormalizer
 

@@ -15,7 +15,6 @@ feature cache and online.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
