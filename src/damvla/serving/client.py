@@ -61,7 +61,7 @@ class PolicyClient:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
-        self._metadata: dict[str, Any] = unpackb(self._ws.recv(), max_bytes=MAX_REPLY_BYTES)
+        self._metadata: dict[str, Any] = unpackb(self._ws.recv(), max_bytes=MAX_REPLY_BYTES, limits=None)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -85,7 +85,7 @@ class PolicyClient:
             raise ConnectionError(f"policy server closed the connection: {e}") from e
         if isinstance(reply, str):
             raise RuntimeError(f"Error in inference server:\n{reply}")
-        return unpackb(reply, max_bytes=MAX_REPLY_BYTES)
+        return unpackb(reply, max_bytes=MAX_REPLY_BYTES, limits=None)
 
     def reset(self) -> None:
         """No-op, for openpi ``BasePolicy`` compatibility (the server keeps no per-episode state)."""
