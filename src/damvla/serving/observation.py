@@ -236,17 +236,30 @@ def observation_to_batch(
 
 
 def state_dim_from_metadata(metadata: dict[str, Any] | None) -> int | None:
-    """The proprio state length recorded with the checkpoint, if any (``state_dim`` or LeRobot features)."""
+    """The proprio state length recorded with the checkpoint, if any.
+
+    Looks at ``state_dim``, then at the dataset feature named by ``state_key`` (default
+    ``observation.state``) in ``features``, in either form: a plain shape list (what training writes,
+    ``{"observation.state": [4]}``) or a LeRobot feature (``{"observation.state": {"shape": [4], ...}}``).
+    """
     if not isinstance(metadata, dict):
         return None
     dim = metadata.get("state_dim")
     if dim is None:
-        feat = (metadata.get("features") or {}).get("observation.state") if isinstance(
-            metadata.get("features"), dict
-        ) else None
-        shape = feat.get("shape") if isinstance(feat, dict) else None
+        features = metadata.get("features")
+        key = metadata.get("state_key") or "observation.state"
+        feat = features.get(key) if isinstance(features, dict) and isinstance(key, str) else None
+        shape = feat.get("shape") if isinstance(feat, dict) else feat
         dim = shape[0] if isinstance(shape, (list, tuple)) and len(shape) == 1 else None
-    return dim if isinstance(dim, int) and 0 < dim <= MAX_STATE_DIM else None
+    return dim if type(dim) is int and 0 < dim <= MAX_STATE_DIM else None
+
+
+def state_dim_of(config: Any, metadata: dict[str, Any] | None) -> int | None:
+    """The state length the server enforces: the config's ``state_dim`` when the model reads the state
+    (it cannot take any other length), else what the checkpoint's metadata records (the length the
+    robot sent during training), else ``None`` (any length)."""
+    dim = getattr(config, "state_dim", 0)
+    return dim if isinstance(dim, int) and dim > 0 else state_dim_from_metadata(metadata)
 
 
 __all__ = [
@@ -255,4 +268,5 @@ __all__ = [
     "observation_to_batch",
     "resize_image",
     "state_dim_from_metadata",
+    "state_dim_of",
 ]
