@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from damvla.serving.observation import ObservationMap
     from damvla.serving.protocol import packb
-    from damvla.serving.server import PolicyServer, warmup_observation
+    from damvla.serving.server import PolicyServer, limit_heap_retention, warmup_observation
 
     if args.max_message_mb <= 0:
         raise ValueError(f"--max-message-mb={args.max_message_mb}: must be positive")
@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if not server.api_key and not is_loopback(args.host):
         log.warning("listening on %s without an API key (--allow-no-key): anyone who can reach this port can "
                     "drive the policy", args.host)  # fmt: skip
+    limit_heap_retention()  # after the model load: its large blocks are unaffected
     if not args.no_warmup:
         # The first call pays for CUDA context / kernel selection; pay it before a robot is waiting.
         t0 = time.perf_counter()

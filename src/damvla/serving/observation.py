@@ -25,6 +25,7 @@ untouched either way.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,13 +205,19 @@ def resize_image(image: np.ndarray, size: int, mode: str = "stretch") -> torch.T
 
 
 def observation_to_batch(
-    obs: Any, obs_map: ObservationMap, image_size: int, state_dim: int | None = None
+    obs: Any,
+    obs_map: ObservationMap,
+    image_size: int,
+    state_dim: int | None = None,
+    check_prompt: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Validate one decoded request and build a batch of one for ``predict_action_chunk``.
 
     Returns ``{"observation.images.<cam>": uint8 (1, 3, S, S), "observation.state": float32 (1, N),
     "task": [prompt]}``. Keys the map does not mention are ignored (clients often send extras).
-    Raises :class:`ObservationError` naming the first wrong key.
+    ``check_prompt(key, prompt)`` may add a check of its own (the server's token limit). Everything is
+    validated before any image is resized, so a bad request costs no resize. Raises
+    :class:`ObservationError` naming the first wrong key.
     """
     if not isinstance(obs, dict):
         raise ObservationError(f"a request must be a msgpack map of observations, got {type(obs).__name__}")
@@ -224,14 +231,20 @@ def observation_to_batch(
     if missing:
         have = [k[:60] for k in sorted(map(str, obs))[:20]]  # bounded: keys come from the client
         raise ObservationError(f"missing keys {missing}; the request has {have}")
-    batch: dict[str, Any] = {}
-    for key, camera in obs_map.images.items():
-        if key in obs:
-            img = resize_image(_image(key, obs[key]), image_size, obs_map.resize)
-            batch[f"observation.images.{camera}"] = img.unsqueeze(0)
+    images = {camera: _image(key, obs[key]) for key, camera in obs_map.images.items() if key in obs}
+    state = None
     if obs_map.state is not None and obs_map.state in obs:
-        batch["observation.state"] = torch.from_numpy(_state(obs_map.state, obs[obs_map.state], state_dim))[None]
-    batch["task"] = [_prompt(obs_map.prompt, obs[obs_map.prompt])]
+        state = torch.from_numpy(_state(obs_map.state, obs[obs_map.state], state_dim))[None]
+    prompt = _prompt(obs_map.prompt, obs[obs_map.prompt])
+    if check_prompt is not None:
+        check_prompt(obs_map.prompt, prompt)
+    batch: dict[str, Any] = {
+        f"observation.images.{camera}": resize_image(img, image_size, obs_map.resize).unsqueeze(0)
+        for camera, img in images.items()
+    }
+    if state is not None:
+        batch["observation.state"] = state
+    batch["task"] = [prompt]
     return batch
 
 

@@ -328,9 +328,7 @@ class PolicyServer:
         """Decode and validate one binary frame into a batch of one; raises :class:`RequestError`."""
         try:
             obs = unpackb(message, max_bytes=self.max_message_bytes)
-            batch = observation_to_batch(obs, self.obs_map, self.image_size, self.state_dim)
-            self.prompt_limit.check(self.obs_map.prompt, batch["task"][0])
-            return batch
+            return observation_to_batch(obs, self.obs_map, self.image_size, self.state_dim, self.prompt_limit.check)
         except (ProtocolError, ObservationError) as e:
             raise RequestError(f"damvla serve: bad request: {e}") from e
 
@@ -514,6 +512,25 @@ class PolicyServer:
         """Stop listening; safe to call from any thread."""
         if self._stop is not None and getattr(self, "_loop", None) is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def limit_heap_retention(mmap_threshold: int = 4 << 20) -> bool:
+    """glibc only: give freed request frames back to the OS instead of keeping them in the heap.
+
+    glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MiB), after
+    which frame-sized buffers come from per-thread heaps that are rarely trimmed: a server that once
+    received a few max-size frames keeps hundreds of MB. A fixed threshold keeps blocks of
+    ``mmap_threshold`` bytes or more in their own mappings, unmapped when freed. Returns False where
+    ``mallopt`` is unavailable (musl, macOS, Windows): nothing changes there.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 class ServerThread:
