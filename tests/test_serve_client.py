@@ -73,3 +73,14 @@ def test_client_waits_for_a_server_that_is_not_up_yet():
     finally:
         srv.server.ready.wait(20)
         srv.stop()
+
+
+def test_policy_client_reopens_a_connection_the_server_closed_as_idle():
+    with ServerThread(PolicyServer(StepEchoPolicy(0.0), port=0, idle_timeout_s=0.3)) as srv:
+        with PolicyClient("127.0.0.1", srv.port) as client:
+            obs = {"observation/image": np.zeros((112, 112, 3), np.uint8),
+                   "observation/state": np.zeros(1, np.float32), "prompt": "go"}
+            client.infer(obs)
+            time.sleep(1.0)  # the server closes the connection after 0.3 s of silence
+            assert client.infer(obs)["actions"].shape == (16, 7)
+            assert client.reconnects == 1

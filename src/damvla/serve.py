@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -11,7 +12,6 @@ import time
 
 log = logging.getLogger("damvla.serve")
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_PORT = 8000  # openpi's
 
 
@@ -47,6 +47,28 @@ def check_bindable(host: str, port: int) -> None:
                 raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address (127.0.0.0/8, ::1)."""
+    if not host:
+        return False  # "" binds every interface
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def check_open_bind(host: str, api_key: str | None, allow_no_key: bool) -> None:
+    """Refuse to listen beyond loopback without a key, unless the user said so (docs/serving.md)."""
+    if api_key or allow_no_key or is_loopback(host):
+        return
+    raise ValueError(
+        f"--host {host!r} listens beyond this machine, without an API key: anyone who can reach the port "
+        "could drive the robot. Set DAMVLA_API_KEY (clients send 'Authorization: Api-Key <key>'), or pass "
+        "--allow-no-key to serve without one on a network you trust"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
@@ -67,8 +89,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--obs-map", default=None, help="observation map as inline JSON or a JSON file (docs/serving.md)"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: cuda if available)")
+    parser.add_argument(
+        "--allow-no-key", action="store_true",
+        help="listen beyond loopback (--host 0.0.0.0 ...) without an API key, as openpi's server does; "
+        "without this flag such a bind is refused",
+    )
     parser.add_argument("--max-connections", type=int, default=16,
                         help="open connections allowed at once; more are refused with HTTP 503 (default 16)")
+    parser.add_argument("--max-connections-per-address", type=int, default=8,
+                        help="of those, from one client address; behind a reverse proxy every client has the "
+                        "proxy's address (default 8)")  # fmt: skip
+    parser.add_argument("--first-request-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="close a connection that sends no request this long after connecting; 0: never "
+                        "(default 30)")  # fmt: skip
+    parser.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="close a connection that sends no request this long after its last reply; 0: never "
+                        "(default 300)")  # fmt: skip
     parser.add_argument(
         "--send-tracebacks", action="store_true",
         help="put the full traceback of an inference error in the reply, as openpi does (default: the "
@@ -106,10 +142,17 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from damvla.serving.observation import ObservationMap
     from damvla.serving.protocol import packb
-    from damvla.serving.server import PolicyServer, warmup_observation
+    from damvla.serving.server import PolicyServer, limit_heap_retention, warmup_observation
 
     if args.max_message_mb <= 0:
         raise ValueError(f"--max-message-mb={args.max_message_mb}: must be positive")
+    for flag in ("max_connections", "max_connections_per_address"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be at least 1")
+    for flag in ("first_request_timeout", "idle_timeout"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 0 (0: no timeout)")
+    check_open_bind(args.host, args.api_key, args.allow_no_key)
     check_bindable(args.host, args.port)  # seconds before the model has loaded, not after
     policy = _load_policy(args.checkpoint, args.device)
     obs_map = ObservationMap.load(args.obs_map, policy.config.vision.camera)
@@ -122,10 +165,14 @@ def run(args: argparse.Namespace) -> int:
         obs_map=obs_map,
         send_tracebacks=args.send_tracebacks,
         max_connections=args.max_connections,
+        max_connections_per_address=args.max_connections_per_address,
+        first_request_timeout_s=args.first_request_timeout,
+        idle_timeout_s=args.idle_timeout,
     )
-    if args.host not in LOOPBACK and not server.api_key:
-        log.warning("listening on %s without --api-key: anyone who can reach this port can drive the policy",
-                    args.host)
+    if not server.api_key and not is_loopback(args.host):
+        log.warning("listening on %s without an API key (--allow-no-key): anyone who can reach this port can "
+                    "drive the policy", args.host)  # fmt: skip
+    limit_heap_retention()  # after the model load: its large blocks are unaffected
     if not args.no_warmup:
         # The first call pays for CUDA context / kernel selection; pay it before a robot is waiting.
         t0 = time.perf_counter()

@@ -70,12 +70,15 @@ class LanguageBackbone(nn.Module):
     def set_tokenizer(self, tok: Tokenizer) -> None:
         self._tokenizer = tok
 
+    def encode_prompt(self, instruction: str) -> list[int]:
+        """Token ids of CogACT's prompt for ``instruction``, unchecked (the server counts them with this)."""
+        return self.tokenizer.encode(self.cfg.prompt_template.format(instruction=instruction.strip().lower()))
+
     def prompt_ids(self, instruction: str) -> list[int]:
         """Token ids of CogACT's prompt for one instruction, without BOS and cognition token."""
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError(f"task: expected a non-empty instruction string, got {instruction!r}")
-        text = self.cfg.prompt_template.format(instruction=instruction.strip().lower())
-        ids = self.tokenizer.encode(text)
+        ids = self.encode_prompt(instruction)
         if len(ids) > self.cfg.max_prompt_tokens:
             raise ValueError(
                 f"task {instruction[:60]!r}...: prompt is {len(ids)} tokens, more than "

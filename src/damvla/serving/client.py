@@ -24,6 +24,13 @@ MAX_REPLY_BYTES = 1 << 31
 _CONNECT_KW: dict[str, Any] = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 
 
+def _closed_for_silence(e: websockets.ConnectionClosed) -> bool:
+    """Did ``damvla serve`` close the connection for its first-request or idle timeout?"""
+    frame = e.rcvd
+    return (frame is not None and frame.code == 1008
+            and frame.reason.startswith(("idle for", "no first request")))  # fmt: skip
+
+
 class PolicyClient:
     """Talk to a policy server.
 
@@ -48,20 +55,25 @@ class PolicyClient:
             self.uri = host
         else:
             self.uri = f"ws://{host}" + (f":{port}" if port is not None else "")
-        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+        self._headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
+        self._timeout_s = timeout_s
+        self.reconnects = 0  # connections re-opened after the server closed an idle one
+        self._connect(wait_for_server_s)
+
+    def _connect(self, wait_for_server_s: float = 0.0) -> None:
         deadline = time.monotonic() + wait_for_server_s
         while True:
             try:
                 self._ws: ClientConnection = connect(
-                    self.uri, compression=None, max_size=None, additional_headers=headers, open_timeout=timeout_s,
-                    **_CONNECT_KW,
+                    self.uri, compression=None, max_size=None, additional_headers=self._headers,
+                    open_timeout=self._timeout_s, **_CONNECT_KW,
                 )
                 break
             except (ConnectionRefusedError, TimeoutError, OSError):
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
-        self._metadata: dict[str, Any] = unpackb(self._ws.recv(), max_bytes=MAX_REPLY_BYTES)
+        self._metadata: dict[str, Any] = unpackb(self._ws.recv(), max_bytes=MAX_REPLY_BYTES, limits=None)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -77,15 +89,26 @@ class PolicyClient:
 
         Raises ``RuntimeError`` with the server's text when the server answers with an error, and
         ``ConnectionError`` when the server closed the connection (e.g. the frame was over its size limit).
+        A connection the server closed because it was silent too long (``damvla serve --idle-timeout``, code
+        1008) is re-opened once and the request sent again: the server never saw it.
         """
+        message = packb(obs)
         try:
-            self._ws.send(packb(obs))
+            self._ws.send(message)
             reply = self._ws.recv()
         except websockets.ConnectionClosed as e:
-            raise ConnectionError(f"policy server closed the connection: {e}") from e
+            if not _closed_for_silence(e):
+                raise ConnectionError(f"policy server closed the connection: {e}") from e
+            self._connect()
+            self.reconnects += 1
+            try:
+                self._ws.send(message)
+                reply = self._ws.recv()
+            except websockets.ConnectionClosed as e2:
+                raise ConnectionError(f"policy server closed the connection: {e2}") from e2
         if isinstance(reply, str):
             raise RuntimeError(f"Error in inference server:\n{reply}")
-        return unpackb(reply, max_bytes=MAX_REPLY_BYTES)
+        return unpackb(reply, max_bytes=MAX_REPLY_BYTES, limits=None)
 
     def reset(self) -> None:
         """No-op, for openpi ``BasePolicy`` compatibility (the server keeps no per-episode state)."""

@@ -25,6 +25,7 @@ untouched either way.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,13 +205,19 @@ def resize_image(image: np.ndarray, size: int, mode: str = "stretch") -> torch.T
 
 
 def observation_to_batch(
-    obs: Any, obs_map: ObservationMap, image_size: int, state_dim: int | None = None
+    obs: Any,
+    obs_map: ObservationMap,
+    image_size: int,
+    state_dim: int | None = None,
+    check_prompt: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Validate one decoded request and build a batch of one for ``predict_action_chunk``.
 
     Returns ``{"observation.images.<cam>": uint8 (1, 3, S, S), "observation.state": float32 (1, N),
     "task": [prompt]}``. Keys the map does not mention are ignored (clients often send extras).
-    Raises :class:`ObservationError` naming the first wrong key.
+    ``check_prompt(key, prompt)`` may add a check of its own (the server's token limit). Everything is
+    validated before any image is resized, so a bad request costs no resize. Raises
+    :class:`ObservationError` naming the first wrong key.
     """
     if not isinstance(obs, dict):
         raise ObservationError(f"a request must be a msgpack map of observations, got {type(obs).__name__}")
@@ -224,29 +231,48 @@ def observation_to_batch(
     if missing:
         have = [k[:60] for k in sorted(map(str, obs))[:20]]  # bounded: keys come from the client
         raise ObservationError(f"missing keys {missing}; the request has {have}")
-    batch: dict[str, Any] = {}
-    for key, camera in obs_map.images.items():
-        if key in obs:
-            img = resize_image(_image(key, obs[key]), image_size, obs_map.resize)
-            batch[f"observation.images.{camera}"] = img.unsqueeze(0)
+    images = {camera: _image(key, obs[key]) for key, camera in obs_map.images.items() if key in obs}
+    state = None
     if obs_map.state is not None and obs_map.state in obs:
-        batch["observation.state"] = torch.from_numpy(_state(obs_map.state, obs[obs_map.state], state_dim))[None]
-    batch["task"] = [_prompt(obs_map.prompt, obs[obs_map.prompt])]
+        state = torch.from_numpy(_state(obs_map.state, obs[obs_map.state], state_dim))[None]
+    prompt = _prompt(obs_map.prompt, obs[obs_map.prompt])
+    if check_prompt is not None:
+        check_prompt(obs_map.prompt, prompt)
+    batch: dict[str, Any] = {
+        f"observation.images.{camera}": resize_image(img, image_size, obs_map.resize).unsqueeze(0)
+        for camera, img in images.items()
+    }
+    if state is not None:
+        batch["observation.state"] = state
+    batch["task"] = [prompt]
     return batch
 
 
 def state_dim_from_metadata(metadata: dict[str, Any] | None) -> int | None:
-    """The proprio state length recorded with the checkpoint, if any (``state_dim`` or LeRobot features)."""
+    """The proprio state length recorded with the checkpoint, if any.
+
+    Looks at ``state_dim``, then at the dataset feature named by ``state_key`` (default
+    ``observation.state``) in ``features``, in either form: a plain shape list (what training writes,
+    ``{"observation.state": [4]}``) or a LeRobot feature (``{"observation.state": {"shape": [4], ...}}``).
+    """
     if not isinstance(metadata, dict):
         return None
     dim = metadata.get("state_dim")
     if dim is None:
-        feat = (metadata.get("features") or {}).get("observation.state") if isinstance(
-            metadata.get("features"), dict
-        ) else None
-        shape = feat.get("shape") if isinstance(feat, dict) else None
+        features = metadata.get("features")
+        key = metadata.get("state_key") or "observation.state"
+        feat = features.get(key) if isinstance(features, dict) and isinstance(key, str) else None
+        shape = feat.get("shape") if isinstance(feat, dict) else feat
         dim = shape[0] if isinstance(shape, (list, tuple)) and len(shape) == 1 else None
-    return dim if isinstance(dim, int) and 0 < dim <= MAX_STATE_DIM else None
+    return dim if type(dim) is int and 0 < dim <= MAX_STATE_DIM else None
+
+
+def state_dim_of(config: Any, metadata: dict[str, Any] | None) -> int | None:
+    """The state length the server enforces: the config's ``state_dim`` when the model reads the state
+    (it cannot take any other length), else what the checkpoint's metadata records (the length the
+    robot sent during training), else ``None`` (any length)."""
+    dim = getattr(config, "state_dim", 0)
+    return dim if isinstance(dim, int) and dim > 0 else state_dim_from_metadata(metadata)
 
 
 __all__ = [
@@ -255,4 +281,5 @@ __all__ = [
     "observation_to_batch",
     "resize_image",
     "state_dim_from_metadata",
+    "state_dim_of",
 ]

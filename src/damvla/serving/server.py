@@ -8,8 +8,15 @@ can fix its request and carry on. Only a frame over the size limit closes the co
 answers it with close code 1009 before reading it).
 
 Inference runs on one worker thread (one model call at a time, the model is not re-entrant); decoding
-and image resizing run on asyncio's default thread pool. The event loop itself only moves frames, so
+and image resizing run on a small thread pool of their own. The event loop itself only moves frames, so
 ``GET /healthz`` and keep-alive pings are answered while the model is busy.
+
+Limits against hostile or broken clients (docs/serving.md, "Limits"): the structure of every message is
+checked before it is decoded (``protocol.DecodeLimits``); at most ``max_connections`` connections, and
+``max_connections_per_address`` from one address, counted from the HTTP upgrade request on; a connection
+that sends no request within ``first_request_timeout_s``, or none for ``idle_timeout_s`` after its last
+reply, is closed (code 1008); one frame at most waits behind the one being served, so a connection holds
+about two frames of memory; prompts and states are checked against what the checkpoint can take.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import hmac
 import http
 import logging
+import os
 import signal
 import sys
 import threading
@@ -33,27 +41,37 @@ import numpy as np
 import torch
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from damvla.config import PolicyConfig
 from damvla.serving.observation import (
     MAX_IMAGE_SIDE,
+    MAX_PROMPT_CHARS,
     MIN_IMAGE_SIDE,
     ObservationError,
     ObservationMap,
     observation_to_batch,
-    state_dim_from_metadata,
+    state_dim_of,
 )
-from damvla.serving.protocol import ProtocolError, packb, unpackb
+from damvla.serving.protocol import REQUEST_LIMITS, ProtocolError, packb, unpackb
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 8
+DEFAULT_FIRST_REQUEST_TIMEOUT_S = 30.0
+DEFAULT_IDLE_TIMEOUT_S = 300.0
 MAX_ERROR_CHARS = 20_000
-# Frames buffered per connection before websockets stops reading the socket (TCP back-pressure).
-# A robot sends one request and waits; a small queue bounds a pipelining client to a few frames in memory.
-MAX_QUEUED_FRAMES = 4
+# websockets' receive queue as (high, low) water marks: reading from the socket pauses as soon as one
+# frame waits behind the one being served (high 0: "more than 0 queued") and resumes when it is taken.
+# A robot sends one request and waits, so this never delays it; a pipelining client gets TCP back-pressure
+# instead of a queue of max-size frames in server memory.
+RECEIVE_QUEUE = (0, 0)
+# Decoding and resizing threads. Each may hold a frame, its decoded copy and a float image (a few times
+# the frame size), so their number bounds that memory too.
+PREPARE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 HEAD_NAMES = ("arm", "gripper")
 
 
@@ -111,6 +129,51 @@ def action_names(config: PolicyConfig, metadata: dict[str, Any] | None) -> list[
     return out
 
 
+class PromptLimit:
+    """The checkpoint's prompt budget: ``language.max_prompt_tokens`` tokens of its prompt template, counted
+    with its own tokenizer, so an instruction that would fail inside the model is refused as a bad request.
+
+    A policy without a language module (a test double) only gets the character cap ``MAX_PROMPT_CHARS``.
+    """
+
+    def __init__(self, encode: Any = None, max_tokens: int | None = None, byte_tokens: bool = False) -> None:
+        self._encode = encode  # instruction -> token ids of the full prompt (template included)
+        self.max_tokens = max_tokens
+        self.max_chars = MAX_PROMPT_CHARS
+        self._lock = threading.Lock()  # tokenizers are not promised to be thread-safe; encoding is µs
+        if encode is not None and byte_tokens:
+            # one token per UTF-8 byte: the budget in ASCII characters is exact
+            self.max_chars = max(0, min(MAX_PROMPT_CHARS, max_tokens - len(encode(""))))
+
+    @classmethod
+    def of(cls, policy: Any) -> PromptLimit:
+        language = getattr(policy, "language", None)
+        encode = getattr(language, "encode_prompt", None)
+        cfg = getattr(getattr(policy, "config", None), "language", None)
+        if encode is None or cfg is None:
+            return cls()
+        from damvla.model.tokenizer import ByteTokenizer
+
+        byte_tokens = isinstance(language.tokenizer, ByteTokenizer)  # loads the tokenizer now, not per request
+        return cls(encode, int(cfg.max_prompt_tokens), byte_tokens)
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"max_chars": self.max_chars, "max_tokens": self.max_tokens}
+
+    def check(self, key: str, instruction: str) -> None:
+        """Raise :class:`ObservationError` when ``instruction`` does not fit the checkpoint's prompt."""
+        if self._encode is None:
+            return
+        with self._lock:
+            n = len(self._encode(instruction))
+        if n > self.max_tokens:
+            raise ObservationError(
+                f"{key}: {len(instruction)} characters make {n} tokens with the prompt template; the limit is "
+                f"{self.max_tokens} (the checkpoint's language.max_prompt_tokens; metadata "
+                f"observation.{key}.max_chars={self.max_chars})"
+            )
+
+
 class PolicyServer:
     """Serve ``policy`` over openpi's websocket protocol.
 
@@ -121,6 +184,10 @@ class PolicyServer:
         api_key: when set, the websocket upgrade needs ``Authorization: Api-Key <api_key>`` (else HTTP 401).
         max_message_bytes: largest request frame; bigger frames close the connection (code 1009).
         obs_map: request keys -> batch keys; ``None`` is openpi's LIBERO keys (``ObservationMap.default``).
+        max_connections: connections at once (counted from the upgrade request); more get HTTP 503.
+        max_connections_per_address: of those, from one client address (the TCP peer).
+        first_request_timeout_s, idle_timeout_s: close a connection (code 1008) that sends no request this
+            long after connecting, or after its last reply; ``None`` or 0 disables either.
     """
 
     def __init__(
@@ -134,9 +201,17 @@ class PolicyServer:
         obs_map: ObservationMap | None = None,
         send_tracebacks: bool = False,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+        first_request_timeout_s: float | None = DEFAULT_FIRST_REQUEST_TIMEOUT_S,
+        idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections={max_connections} must be >= 1")
+        if max_connections_per_address < 1:
+            raise ValueError(f"max_connections_per_address={max_connections_per_address} must be >= 1")
+        for name, value in (("first_request_timeout_s", first_request_timeout_s), ("idle_timeout_s", idle_timeout_s)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 (0 or None: no timeout)")
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={max_message_bytes} is too small for any observation")
         self.policy = policy
@@ -147,19 +222,34 @@ class PolicyServer:
         # openpi sends the full traceback to the client; that exposes the server's file paths and code to
         # anyone who can connect, so here it is opt-in (the server log always has it).
         self.send_tracebacks = send_tracebacks
-        # Each connection may hold a max-size frame queue in memory; a cap keeps a misbehaving fleet (or a
-        # scanner) from exhausting the host. Counted in the handler (an upgrade that fails after this check
-        # never reaches it), so simultaneous handshakes can overshoot the cap by their number.
+        # Each connection may hold about two max-size frames in memory; the caps keep a misbehaving fleet
+        # (or a scanner) from exhausting the host or the slots. A place is taken when the upgrade request
+        # passes the checks and given back when the TCP connection closes, whether or not the upgrade
+        # completed, so simultaneous handshakes cannot overshoot the caps.
         self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
+        self.first_request_timeout_s = first_request_timeout_s or None
+        self.idle_timeout_s = idle_timeout_s or None
         self._connections = 0
+        self._per_address: dict[str, int] = {}
+        self._releases: set[asyncio.Task] = set()
         camera = self.config.vision.camera
         self.obs_map = (obs_map or ObservationMap.default(camera)).validate(camera)
         self.image_size = self.config.vision.image_size
-        self.state_dim = state_dim_from_metadata(getattr(policy, "metadata", None))
+        self.state_dim = state_dim_of(self.config, getattr(policy, "metadata", None))
+        if self.config.state_dim and (self.obs_map.state is None or not self.obs_map.state_required):
+            raise ValueError(
+                f"the checkpoint conditions on observation.state (state_dim={self.config.state_dim}): the "
+                "observation map must name a required state key (\"state\" and \"state_required\": true)"
+            )
+        self.prompt_limit = PromptLimit.of(policy)
         self.device = _policy_device(policy)
         self.metadata = self._build_metadata()
         # One worker: the model runs one batch at a time, in arrival order.
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="damvla-infer")
+        self._prepare_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=PREPARE_WORKERS, thread_name_prefix="damvla-prepare"
+        )
         self._server: Server | None = None
         self._stop: asyncio.Event | None = None
         self.ready = threading.Event()  # set once listening (``.port`` is then the real port)
@@ -191,9 +281,11 @@ class PolicyServer:
                 "shape": [self.state_dim if self.state_dim is not None else -1],  # -1: any length
                 "required": om.state_required,
                 "maps_to": "observation.state",
-                "read_by_model": False,  # DAM-VLA / CogACT condition on images + instruction only
+                # the paper's DAM-VLA / CogACT condition on images + instruction only; state_dim > 0 adds it
+                "read_by_model": bool(cfg.state_dim),
             }
-        observation[om.prompt] = {"dtype": "str", "shape": [], "required": True, "maps_to": "task"}
+        observation[om.prompt] = {"dtype": "str", "shape": [], "required": True, "maps_to": "task",
+                                  **self.prompt_limit.as_metadata()}  # fmt: skip
         ab = cfg.ablation
         model = "cogact" if not any(asdict(ab).values()) else ("dam-vla" if ab.dam else "dam-vla-single-head")
         from damvla import __version__
@@ -221,6 +313,13 @@ class PolicyServer:
             },
             "heads": list(HEAD_NAMES[: cfg.num_heads]),
             "max_message_bytes": self.max_message_bytes,
+            "limits": {
+                "max_connections": self.max_connections,
+                "max_connections_per_address": self.max_connections_per_address,
+                "first_request_timeout_s": self.first_request_timeout_s,
+                "idle_timeout_s": self.idle_timeout_s,
+                "message": asdict(REQUEST_LIMITS),
+            },
             "policy_metadata": _plain(getattr(self.policy, "metadata", None) or {}),
         }
 
@@ -229,7 +328,7 @@ class PolicyServer:
         """Decode and validate one binary frame into a batch of one; raises :class:`RequestError`."""
         try:
             obs = unpackb(message, max_bytes=self.max_message_bytes)
-            return observation_to_batch(obs, self.obs_map, self.image_size, self.state_dim)
+            return observation_to_batch(obs, self.obs_map, self.image_size, self.state_dim, self.prompt_limit.check)
         except (ProtocolError, ObservationError) as e:
             raise RequestError(f"damvla serve: bad request: {e}") from e
 
@@ -262,7 +361,7 @@ class PolicyServer:
 
     # ---- websocket side ---------------------------------------------------------------------
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """HTTP hook before the upgrade: health check and API-key check."""
+        """HTTP hook before the upgrade: health check, API-key check, connection limits."""
         if urlsplit(request.path).path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if self.api_key is not None:
@@ -274,6 +373,7 @@ class PolicyServer:
                 return connection.respond(
                     http.HTTPStatus.UNAUTHORIZED, "401 Unauthorized: send 'Authorization: Api-Key <key>'\n"
                 )
+        address = str((connection.remote_address or ("?",))[0])
         if self._connections >= self.max_connections:
             log.warning("refused %s: %d connections open (--max-connections)", connection.remote_address,
                         self._connections)  # fmt: skip
@@ -281,7 +381,32 @@ class PolicyServer:
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 f"503 Service Unavailable: {self._connections} connections open, the limit is {self.max_connections}\n",
             )
+        if self._per_address.get(address, 0) >= self.max_connections_per_address:
+            log.warning("refused %s: %d connections open from %s (--max-connections-per-address)",
+                        connection.remote_address, self._per_address[address], address)  # fmt: skip
+            return connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"503 Service Unavailable: {self._per_address[address]} connections open from {address}, the "
+                f"limit per address is {self.max_connections_per_address}\n",
+            )
+        # Take the place now; give it back when the TCP connection is gone, however it ends.
+        self._connections += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._release_when_closed(connection, address))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
         return None
+
+    async def _release_when_closed(self, connection: ServerConnection, address: str) -> None:
+        try:
+            await connection.wait_closed()
+        finally:
+            self._connections -= 1
+            left = self._per_address.get(address, 1) - 1
+            if left > 0:
+                self._per_address[address] = left
+            else:
+                self._per_address.pop(address, None)
 
     async def _send_error(self, ws: ServerConnection, text: str) -> None:
         if len(text) > MAX_ERROR_CHARS:
@@ -292,19 +417,32 @@ class PolicyServer:
             pass
 
     async def _handler(self, ws: ServerConnection) -> None:
-        self._connections += 1
+        await self._serve_connection(ws)
+
+    async def _next_message(self, ws: ServerConnection, first: bool) -> str | bytes | None:
+        """The next frame, or ``None`` after closing a connection that stayed silent too long."""
+        timeout = self.first_request_timeout_s if first else self.idle_timeout_s
         try:
-            await self._serve_connection(ws)
-        finally:
-            self._connections -= 1
+            async with asyncio.timeout(timeout):  # None: no timeout
+                return await ws.recv()  # cancel-safe: a frame arriving at the deadline is not lost
+        except TimeoutError:
+            if first:
+                reason = f"no first request within {timeout:g} s of connecting (--first-request-timeout)"
+            else:
+                reason = f"idle for {timeout:g} s (--idle-timeout); reconnect to continue"
+            log.info("closing %s: %s", ws.remote_address, reason)
+            await ws.close(CloseCode.POLICY_VIOLATION, reason)
+            return None
 
     async def _serve_connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         log.info("client connected: %s", ws.remote_address)
         prev_total_ms: float | None = None
+        first = True
         try:
             await ws.send(packb(self.metadata))
-            async for message in ws:
+            while (message := await self._next_message(ws, first)) is not None:
+                first = False
                 t0 = time.perf_counter()
                 if isinstance(message, str):
                     await self._send_error(
@@ -313,7 +451,7 @@ class PolicyServer:
                     )
                     continue
                 try:
-                    batch = await asyncio.to_thread(self.prepare, message)
+                    batch = await loop.run_in_executor(self._prepare_pool, self.prepare, message)
                     t1 = time.perf_counter()
                     reply = await loop.run_in_executor(self._infer_pool, self.predict, batch)
                 except RequestError as e:
@@ -345,7 +483,7 @@ class PolicyServer:
             self.port,
             compression=None,  # openpi's choice: payloads are already-compact arrays, deflate costs latency
             max_size=self.max_message_bytes,
-            max_queue=MAX_QUEUED_FRAMES,
+            max_queue=RECEIVE_QUEUE,
             process_request=self._process_request,
         ) as server:
             self._server = server
@@ -368,11 +506,31 @@ class PolicyServer:
             pass
         finally:
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
+            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def stop(self) -> None:
         """Stop listening; safe to call from any thread."""
         if self._stop is not None and getattr(self, "_loop", None) is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def limit_heap_retention(mmap_threshold: int = 4 << 20) -> bool:
+    """glibc only: give freed request frames back to the OS instead of keeping them in the heap.
+
+    glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MiB), after
+    which frame-sized buffers come from per-thread heaps that are rarely trimmed: a server that once
+    received a few max-size frames keeps hundreds of MB. A fixed threshold keeps blocks of
+    ``mmap_threshold`` bytes or more in their own mappings, unmapped when freed. Returns False where
+    ``mallopt`` is unavailable (musl, macOS, Windows): nothing changes there.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 class ServerThread:
