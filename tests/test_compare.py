@@ -64,3 +64,11 @@ def test_runs_named_row_slash_seed_are_pooled_per_row_with_the_difference_on_poo
     assert "| cog | 1 | 0% (0/4)" in text
     assert "| dam | +50" in text  # push: 4/8 - 0/4
     assert "16/16 vs 4/8: +50" in text  # reached, pooled
+
+
+def test_compare_refuses_an_interrupted_evaluation(tmp_path, capsys):
+    _fake_eval(tmp_path / "a", "a", {"push-v3": 3})
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    (tmp_path / "a" / "results.json").write_text(json.dumps({**res, "complete": False, "episodes_planned": 8}))
+    assert main(["compare", "--run", f"a={tmp_path / 'a'}", "--title", "t", "--figures", str(tmp_path)]) == 1
+    assert "interrupted evaluation" in capsys.readouterr().err

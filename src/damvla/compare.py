@@ -43,6 +43,12 @@ def parse_run(spec: str) -> Run:
     if not res.is_file():
         raise FileNotFoundError(f"--run {name}: {res} does not exist (run `damvla eval` first)")
     results = json.loads(res.read_text())
+    if results.get("complete") is False:
+        done, planned = len(results.get("episodes") or []), results.get("episodes_planned", "?")
+        raise ValueError(
+            f"--run {name}: {res} is an interrupted evaluation ({done} of {planned} episodes); finish it with "
+            "`damvla eval ... --resume` before comparing"
+        )
     eps_file = eval_dir / "episodes.jsonl"
     episodes = [json.loads(x) for x in eps_file.read_text().splitlines() if x.strip()] if eps_file.is_file() else []
     train_dir = Path(train_s) if train_s else None

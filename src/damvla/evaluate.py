@@ -12,8 +12,14 @@ metadata; everything that can disagree between checkpoint and environment (actio
 mapping, task coverage, seed overlap) is checked before the first rollout.
 
 Output folder: ``results.json``, ``report.md``, ``index.html``, ``initial_states.jsonl``, ``episodes.jsonl`` (per-step
-router weight / head / gripper), ``command.txt``, ``versions.json``, ``videos/TASK/seed-N.mp4`` and
-``plots/TASK/seed-N.png``.
+router weight / head / gripper), ``command.txt``, ``versions.json``, ``run.json``, ``videos/TASK/seed-N.mp4`` and
+``plots/TASK/seed-N.png``. A non-empty ``--out`` is refused unless ``--overwrite`` (which deletes those first)
+or ``--resume``.
+
+Interruptions: each episode is appended to ``episodes.jsonl`` (one fsynced line) the moment it ends. Ctrl-C
+stops the run, writes ``results.json`` of the finished episodes marked ``"complete": false`` and exits 130;
+``--resume`` runs the remaining episodes only. Every episode's noise is seeded from its own key, so the
+resumed run ends with the same episodes as an uninterrupted one (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -65,6 +71,8 @@ class EvalOptions:
     append_results: Path | None = None
     title: str | None = None
     progress: bool = True
+    resume: bool = False  # continue the interrupted evaluation in `out`
+    overwrite: bool = False  # replace what an earlier evaluation wrote into `out`
 
     def validate(self) -> EvalOptions:
         errs = []
@@ -411,40 +419,227 @@ def _make_executor(opts: EvalOptions, policy: Any, keys: list[str], tasks_of: li
     return CheckpointExecutor(policy, keys, opts.seed, inference)
 
 
+# ---- the output folder: refuse, clear, resume ----------------------------------------------------
+# What `damvla eval` writes into --out; --overwrite removes exactly these (other files are left alone).
+OUTPUT_FILES = ("results.json", "report.md", "index.html", "initial_states.jsonl", "episodes.jsonl",
+                "command.txt", "versions.json", "run.json")  # fmt: skip
+OUTPUT_DIRS = ("videos", "plots")
+RUN_FILE = "run.json"  # what a --resume must match, written before the first episode
+# Options an episode's outcome depends on: a --resume must repeat them (workers, threads, timeout, progress,
+# title and --append-results may change).
+RESUME_KEYS = ("suite", "episodes", "policy", "max_steps", "execution", "execute_steps", "ensemble_horizon",
+               "seed", "state_offset", "videos", "plots", "device", "camera", "resolution")  # fmt: skip
+# Versions whose change can change an episode: a --resume refuses to mix results across them.
+RESUME_VERSIONS = ("damvla", "torch", "numpy", "mujoco", "metaworld", "gymnasium", "git_commit")
+
+
+class EvalInterrupted(Exception):
+    """SIGINT during ``evaluate``: the finished episodes are recorded and ``results.json`` holds them with
+    ``"complete": false``; the message says how many and how to continue."""
+
+
+def check_out(opts: EvalOptions) -> None:
+    """Refuse a non-empty ``--out`` unless ``--resume`` (which needs an interrupted run there) or
+    ``--overwrite``; nothing is deleted here (``clear_out`` does, once every other check passed)."""
+    out = Path(opts.out)
+    if opts.resume and opts.overwrite:
+        raise ValueError("--resume continues the evaluation in --out, --overwrite replaces it: pick one")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if opts.resume:
+        if not (out / RUN_FILE).is_file():
+            raise ValueError(f"--resume: {out / RUN_FILE} not found; {out} holds no evaluation to continue")
+        return
+    if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
+        done = ""
+        res = out / "results.json"
+        if res.is_file():
+            try:
+                doc = json.loads(res.read_text())
+                n = len(doc.get("episodes") or [])
+                done = f" ({n} episodes{'' if doc.get('complete', True) else ', interrupted'})"
+            except (OSError, ValueError):
+                pass
+        raise ValueError(
+            f"--out {out} is not empty{done}: pass --resume to continue an interrupted evaluation there, "
+            "--overwrite to replace it, or choose another folder"
+        )
+
+
+def clear_out(out: Path) -> None:
+    """Remove what an earlier evaluation wrote into ``out`` (``OUTPUT_FILES``, ``OUTPUT_DIRS``)."""
+    import shutil
+
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for tmp in out.glob("*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def _resume_state(opts: EvalOptions, ckpt_folder: Path | None, vers: dict[str, Any]) -> dict[str, Any]:
+    """What ``run.json`` records and a ``--resume`` must match."""
+    o = asdict(opts)
+    return {
+        "options": {k: o[k] for k in RESUME_KEYS},
+        "checkpoint_folder": str(ckpt_folder) if ckpt_folder is not None else None,
+        "versions": {k: vers.get(k) for k in RESUME_VERSIONS},
+    }
+
+
+def check_resume(out: Path, state: dict[str, Any]) -> None:
+    """Refuse a ``--resume`` whose options, checkpoint or versions differ from the interrupted run's."""
+    path = out / RUN_FILE
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: cannot read {path} ({e})") from e
+    diffs = []
+    for k in RESUME_KEYS:
+        a, b = old.get("options", {}).get(k), state["options"][k]
+        if a != b:
+            diffs.append(f"--{k.replace('_', '-')} {b!r} (the interrupted run: {a!r})")
+    if old.get("checkpoint_folder") != state["checkpoint_folder"]:
+        diffs.append(f"checkpoint {state['checkpoint_folder']} (the interrupted run: {old.get('checkpoint_folder')}; "
+                     "name that step folder)")  # fmt: skip
+    for k in RESUME_VERSIONS:
+        a, b = old.get("versions", {}).get(k), state["versions"][k]
+        if a != b:
+            diffs.append(f"{k} {b} (the interrupted run: {a})")
+    if diffs:
+        raise ValueError(
+            f"--resume: this run differs from the interrupted one in {path}: " + "; ".join(diffs)
+            + ". Episodes from both would be mixed: repeat the interrupted run's options, or use --overwrite"
+        )
+
+
+def read_journal(path: Path, keys: set[str]) -> dict[str, dict[str, Any]]:
+    """The finished episodes of ``episodes.jsonl`` by key. A torn last line (a crash mid-write) is dropped
+    and cut from the file; any other unreadable line is an error naming the file and line."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    out: dict[str, dict[str, Any]] = {}
+    good = 0  # bytes of complete, parsed lines
+    for n, raw in enumerate(lines, 1):
+        last = n == len(lines)
+        if not raw.strip():
+            good += len(raw) + (0 if last else 1)
+            continue
+        try:
+            rec = json.loads(raw)
+            if last:  # no newline after it: the write did not finish
+                raise ValueError("no newline")
+        except ValueError as e:
+            if last or all(not x.strip() for x in lines[n:]):
+                break
+            raise ValueError(f"{path}:{n}: not an episode record ({e}); remove the line or use --overwrite") from e
+        if rec.get("key") not in keys:
+            raise ValueError(f"{path}:{n}: episode {rec.get('key')!r} is not one of this evaluation's episodes")
+        out.setdefault(rec["key"], rec)
+        good += len(raw) + 1
+    if good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return out
+
+
+class Journal:
+    """``episodes.jsonl`` while the run goes: one line per finished episode, appended with one write and
+    fsynced, so an interruption keeps every episode that ended before it."""
+
+    def __init__(self, path: Path) -> None:
+        import os
+
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, record: dict[str, Any]) -> None:
+        import os
+
+        os.write(self._fd, (json.dumps(record) + "\n").encode())
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _SigintDeferred:
+    """Hold SIGINT off while the results are written (a second Ctrl-C must not tear them)."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str, Any]:
-    """Run the evaluation of ``opts`` and write the output folder; returns the ``results.json`` dict."""
+    """Run the evaluation of ``opts`` and write the output folder; returns the ``results.json`` dict.
+
+    Each episode is appended to ``episodes.jsonl`` as it ends. SIGINT (KeyboardInterrupt) stops the
+    run, writes ``results.json`` of the finished episodes with ``"complete": false`` and raises
+    ``EvalInterrupted``; ``opts.resume`` continues it, running only the episodes not recorded."""
     import damvla.envs  # noqa: F401  (MUJOCO_GL=egl before mujoco is imported)
+    from damvla.atomic import write_json_atomic
     from damvla.envs.metaworld import resolve_suite
     from damvla.envs.rollout import RolloutSpec, rollout
-    from damvla.evaluation import report
-    from damvla.evaluation.stats import EpisodeRecord, summarize
 
     opts.validate()
+    check_out(opts)
     tasks = resolve_suite(opts.suite)
     # Resolved once: a run folder whose `latest` moves on mid-evaluation still records the checkpoint that ran.
     ckpt_folder, ckpt_step = resolved_checkpoint(opts.checkpoint) if opts.policy == "checkpoint" else (None, None)
+    vers = versions()
+    state = _resume_state(opts, ckpt_folder, vers)
+    out = Path(opts.out)
+    if opts.resume:
+        check_resume(out, state)
     policy, setup = _policy_and_env(opts, tasks, ckpt_folder)
-    if opts.initial_states is not None:
+    if opts.resume:
+        states = read_initial_states(out / "initial_states.jsonl", tasks, opts.episodes)
+    elif opts.initial_states is not None:
         states = read_initial_states(Path(opts.initial_states), tasks, opts.episodes)
     else:
         states = sample_initial_states(tasks, opts.episodes, opts.state_offset)
     check_disjoint(states, setup.training_seeds)
 
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = canonical_command(opts)
-    (out / "command.txt").write_text(
-        command + "\n" + (f"# invoked as: {shlex.join(invoked_as)}\n" if invoked_as else "")
-    )
-    vers = versions()
-    (out / "versions.json").write_text(json.dumps(vers, indent=2) + "\n")
-    (out / "initial_states.jsonl").write_text("".join(s.to_json() + "\n" for s in states))
+    if not opts.resume:
+        if out.is_dir():
+            clear_out(out)  # --overwrite (check_out refused a non-empty folder without it)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "command.txt").write_text(
+            command + "\n" + (f"# invoked as: {shlex.join(invoked_as)}\n" if invoked_as else "")
+        )
+        (out / "versions.json").write_text(json.dumps(vers, indent=2) + "\n")
+        (out / "initial_states.jsonl").write_text("".join(s.to_json() + "\n" for s in states))
+        write_json_atomic(out / RUN_FILE, state)
+    elif invoked_as:
+        with (out / "command.txt").open("a") as f:
+            f.write(f"# resumed as: {shlex.join(invoked_as)}\n")
 
     per_task_index = {t: 0 for t in tasks}
-    specs = []
+    specs, position = [], []
     for s in states:
         k = per_task_index[s.task]
         per_task_index[s.task] += 1
+        position.append(k)
         specs.append(
             RolloutSpec(
                 s.task,
@@ -458,17 +653,29 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
                 render=opts.policy == "checkpoint" or k < opts.videos,
             )
         )
-    keys = [s.initial_state.key for s in specs]
-    executor = _make_executor(opts, policy, keys, [s.task for s in specs])
+    index_of = {s.initial_state.key: i for i, s in enumerate(specs)}
+    if len(index_of) != len(specs):
+        raise ValueError("the initial states repeat an episode key (task/seed-N); each episode must be distinct")
+    journal_path = out / "episodes.jsonl"
+    done = read_journal(journal_path, set(index_of)) if opts.resume else {}
+    todo = [i for i, s in enumerate(specs) if s.initial_state.key not in done]
+    slot_of = {i: j for j, i in enumerate(todo)}  # spec index -> its episode_index in this rollout
+    ran: set[str] = set()  # keys of the episodes this invocation ran
+    executor = _make_executor(opts, policy, [specs[i].initial_state.key for i in todo], [specs[i].task for i in todo])
+    recorder = _Recorder(opts, setup, out, Journal(journal_path))
 
     bar = None
     if opts.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(specs), desc=f"eval {opts.policy}", unit="ep", file=sys.stderr)
-    succ = [0]
+        bar = tqdm(total=len(specs), initial=len(done), desc=f"eval {opts.policy}", unit="ep", file=sys.stderr)
+    succ = [sum(bool(r["success"]) for r in done.values())]
 
     def progress(res: Any) -> None:
+        i = index_of[res.key]
+        j = slot_of[i]
+        done[res.key] = recorder.record(specs[i], position[i], res, executor.logs.get(j))
+        ran.add(res.key)
         succ[0] += int(res.success)
         if bar is not None:
             bar.update(1)
@@ -476,29 +683,78 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
 
     t0 = time.perf_counter()
     try:
-        results = rollout(
-            executor,
-            specs,
-            num_workers=opts.workers,
-            progress=progress,
-            privileged=executor.needs_privileged,
-            timeout_s=opts.timeout,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    wall = time.perf_counter() - t0
+        try:
+            rollout(
+                executor,
+                [specs[i] for i in todo],
+                num_workers=opts.workers,
+                progress=progress,
+                privileged=executor.needs_privileged,
+                timeout_s=opts.timeout,
+            )
+            for i in todo:  # every spec gets a result; kept for safety: a missing one is recorded as such
+                key = specs[i].initial_state.key
+                if key not in done:
+                    done[key] = recorder.record(specs[i], position[i], None, executor.logs.get(slot_of[i]))
+        finally:
+            if bar is not None:
+                bar.close()
+            recorder.close()
+    except KeyboardInterrupt:
+        with _SigintDeferred():
+            doc = _results_doc(opts, setup, policy, executor, specs, done, tasks, states, command, vers,
+                               time.perf_counter() - t0, ckpt_folder, ckpt_step, ran)  # fmt: skip
+            write_json_atomic(out / "results.json", doc)
+        raise EvalInterrupted(
+            f"interrupted: {len(done)} of {len(specs)} episodes finished, recorded in {journal_path}; "
+            f"{out / 'results.json'} holds them with \"complete\": false. Continue with the same command "
+            "and --resume"
+        ) from None
 
-    episodes = _postprocess(opts, setup, specs, results, executor, out)
+    from damvla.evaluation import report
+
+    with _SigintDeferred():
+        doc = _results_doc(opts, setup, policy, executor, specs, done, tasks, states, command, vers,
+                           time.perf_counter() - t0, ckpt_folder, ckpt_step, ran)  # fmt: skip
+        # The journal is in finishing order; the final file is in episode order, like results.json.
+        tmp = journal_path.with_name(journal_path.name + ".tmp-final")
+        tmp.write_text("".join(json.dumps(done[s.initial_state.key]) + "\n" for s in specs))
+        tmp.replace(journal_path)
+        title = opts.title or _default_title(opts, policy)
+        report.write_results(out, doc, title)
+        if opts.append_results is not None:
+            report.append_section(opts.append_results, title, report.render_markdown(doc, title))
+    return doc
+
+
+def _results_doc(
+    opts: EvalOptions, setup: EnvSetup, policy: Any, executor: Any, specs: list[Any],
+    done: dict[str, dict[str, Any]], tasks: list[str], states: list[Any], command: str,
+    vers: dict[str, Any], wall: float, ckpt_folder: Path | None, ckpt_step: int | None, ran: set[str],
+) -> dict[str, Any]:  # fmt: skip
+    """The ``results.json`` dict of the episodes in ``done`` (all of them, or the finished ones of an
+    interrupted run: then ``complete`` is false and the per-task counts cover only those)."""
+    from damvla.evaluation.stats import EpisodeRecord, summarize
+
+    episodes = [
+        {k: v for k, v in done[s.initial_state.key].items() if k not in ("log", "router_label")}
+        for s in specs
+        if s.initial_state.key in done
+    ]
     records = [
         EpisodeRecord(e["task"], e["success"], e["steps"], e["error"], e["policy_seconds"], e["env_seconds"])
         for e in episodes
     ]
     summary = summarize(records, tasks)
     add_milestones(summary, episodes, tasks)
-    total_steps = sum(r.steps for r in records)
+    # timing covers this invocation: the episodes it ran (a resumed run's earlier ones ran in another)
+    total_steps = sum(e["steps"] for e in episodes if e["key"] in ran)
     cfg = {
-        **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items() if k != "progress"},
+        **{
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in asdict(opts).items()
+            if k not in ("progress", "resume", "overwrite")
+        },
         "tasks": tasks,
         "camera": setup.camera,
         "resolution": setup.resolution,
@@ -519,7 +775,9 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
         cfg.update(checkpoint_folder=str(ckpt_folder), checkpoint_step=ckpt_step)
     else:
         cfg.update(execution=None, execute_steps=None, ensemble_horizon=None)
-    results_doc: dict[str, Any] = {
+    return {
+        "complete": len(episodes) == len(specs),
+        "episodes_planned": len(specs),
         "command": command,
         "config": cfg,
         "seeds": {
@@ -534,15 +792,12 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
             "env_steps": total_steps,
             "env_steps_per_s_wall": total_steps / wall if wall > 0 else 0.0,
             "policy_calls": executor.calls,
+            "episodes_run": len(ran),
+            "episodes_resumed": len(episodes) - len(ran),
         },
         "versions": vers,
-        "episodes": [{k: v for k, v in e.items() if k not in ("log",)} for e in episodes],
+        "episodes": episodes,
     }
-    title = opts.title or _default_title(opts, policy)
-    report.write_results(out, results_doc, title)
-    if opts.append_results is not None:
-        report.append_section(opts.append_results, title, report.render_markdown(results_doc, title))
-    return results_doc
 
 
 def add_milestones(summary: dict[str, Any], episodes: list[dict[str, Any]], tasks: list[str]) -> None:
@@ -559,83 +814,78 @@ def add_milestones(summary: dict[str, Any], episodes: list[dict[str, Any]], task
     summary["overall"]["milestones"] = total
 
 
-def _postprocess(
-    opts: EvalOptions,
-    setup: EnvSetup,
-    specs: list[Any],
-    results: list[Any],
-    executor: Any,
-    out: Path,
-) -> list[dict[str, Any]]:
-    """Per-episode records, ``episodes.jsonl``, videos and router plots."""
-    from damvla.evaluation.executors import EpisodeLog
-    from damvla.evaluation.phases import ExpertReplay, executed_labels
-    from damvla.evaluation.plots import plot_router
-    from damvla.evaluation.video import annotate_frames, write_mp4
+class _Recorder:
+    """Turns each finished episode into its record (video, router plot, ``episodes.jsonl`` line) as it ends."""
 
-    by_key = {r.key: r for r in results}
-    # The expert replay runs to its own end (task time limit), not to --max-steps: the plot shows the
-    # demonstration's whole phase sequence next to however far the policy got.
-    replay = ExpertReplay() if opts.policy != "expert" and opts.plots != 0 else None
-    episodes: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    try:
-        with (out / "episodes.jsonl").open("w") as f:
-            for i, spec in enumerate(specs):
-                st = spec.initial_state
-                k = seen.get(spec.task, 0)
-                seen[spec.task] = k + 1
-                res = by_key.get(st.key)
-                log = executor.logs.get(i, EpisodeLog())
-                steps = res.steps if res is not None else 0
-                # The last logged action of a failed step was never executed: trim to executed steps.
-                n = min(steps, len(log.gripper))
-                grip = np.asarray(log.gripper[:n])
-                w = np.asarray(log.router_weight[:n], dtype=np.float64)
-                labels = executed_labels(grip, setup.sigma_lead, setup.sigma_trail)
-                ep: dict[str, Any] = {
-                    "task": spec.task,
-                    "seed": st.seed,
-                    "key": st.key,
-                    "success": bool(res.success) if res is not None else False,
-                    "steps": steps,
-                    "error": res.error if res is not None else "no result",
-                    "policy_seconds": log.policy_seconds,
-                    "env_seconds": res.env_seconds if res is not None else 0.0,
-                    "gripper_flips": int(np.count_nonzero(np.diff(grip))) if n > 1 else 0,
-                    "router_weight_mean": float(np.nanmean(w)) if n and np.isfinite(w).any() else None,
-                    "gripper_head_fraction": float(np.mean(np.asarray(log.head[:n]) == 1)) if n else None,
-                    "milestones": dict(res.info.get("milestones", {})) if res is not None else {},
-                    "video": None,
-                    "plot": None,
-                }
-                name = f"{spec.task}/seed-{st.seed}"
-                if res is not None and res.frames is not None and len(res.frames) and k < opts.videos:
-                    m = min(len(res.frames), n) if n else len(res.frames)
-                    frames = annotate_frames(
-                        res.frames[:m],
-                        w[:m] if n else np.full(m, np.nan),
-                        grip[:m] if n else np.ones(m),
-                        label=f"{spec.task} seed {st.seed} {'success' if ep['success'] else 'fail'}",
-                    )
-                    ep["video"] = str(
-                        write_mp4(out / "videos" / f"{name}.mp4", frames, VIDEO_FPS).relative_to(out)
-                    )
-                if opts.plots < 0 or k < opts.plots:
-                    if replay is not None:
-                        expert_grip, _ = replay.gripper_commands(st)
-                        expert_labels = executed_labels(expert_grip, setup.sigma_lead, setup.sigma_trail)
-                    else:
-                        expert_labels = labels  # the policy is the expert: same trajectory, same labels
-                    title = f"{name}: {'success' if ep['success'] else 'failure'} in {steps} steps ({opts.policy})"
-                    path = plot_router(out / "plots" / f"{name}.png", title, w, labels, expert_labels, grip)
-                    ep["plot"] = str(path.relative_to(out))
-                f.write(json.dumps({**ep, "log": log.to_dict(), "router_label": labels.tolist()}) + "\n")
-                episodes.append(ep)
-    finally:
-        if replay is not None:
+    def __init__(self, opts: EvalOptions, setup: EnvSetup, out: Path, journal: Journal) -> None:
+        from damvla.evaluation.phases import ExpertReplay
+
+        self.opts, self.setup, self.out, self.journal = opts, setup, out, journal
+        # The expert replay runs to its own end (task time limit), not to --max-steps: the plot shows the
+        # demonstration's whole phase sequence next to however far the policy got.
+        self.replay = ExpertReplay() if opts.policy != "expert" and opts.plots != 0 else None
+
+    def record(self, spec: Any, k: int, res: Any, log: Any) -> dict[str, Any]:
+        """The record of ``spec`` (the ``k``-th episode of its task) from its result ``res`` (None: no
+        result) and executor log; written to the journal before it is returned."""
+        from damvla.evaluation.executors import EpisodeLog
+        from damvla.evaluation.phases import executed_labels
+        from damvla.evaluation.plots import plot_router
+        from damvla.evaluation.video import annotate_frames, write_mp4
+
+        opts, setup, out = self.opts, self.setup, self.out
+        log = log if log is not None else EpisodeLog()
+        st = spec.initial_state
+        steps = res.steps if res is not None else 0
+        # The last logged action of a failed step was never executed: trim to executed steps.
+        n = min(steps, len(log.gripper))
+        grip = np.asarray(log.gripper[:n])
+        w = np.asarray(log.router_weight[:n], dtype=np.float64)
+        labels = executed_labels(grip, setup.sigma_lead, setup.sigma_trail)
+        ep: dict[str, Any] = {
+            "task": spec.task,
+            "seed": st.seed,
+            "key": st.key,
+            "success": bool(res.success) if res is not None else False,
+            "steps": steps,
+            "error": res.error if res is not None else "no result",
+            "policy_seconds": log.policy_seconds,
+            "env_seconds": res.env_seconds if res is not None else 0.0,
+            "gripper_flips": int(np.count_nonzero(np.diff(grip))) if n > 1 else 0,
+            "router_weight_mean": float(np.nanmean(w)) if n and np.isfinite(w).any() else None,
+            "gripper_head_fraction": float(np.mean(np.asarray(log.head[:n]) == 1)) if n else None,
+            "milestones": dict(res.info.get("milestones", {})) if res is not None else {},
+            "video": None,
+            "plot": None,
+        }
+        name = f"{spec.task}/seed-{st.seed}"
+        if res is not None and res.frames is not None and len(res.frames) and k < opts.videos:
+            m = min(len(res.frames), n) if n else len(res.frames)
+            frames = annotate_frames(
+                res.frames[:m],
+                w[:m] if n else np.full(m, np.nan),
+                grip[:m] if n else np.ones(m),
+                label=f"{spec.task} seed {st.seed} {'success' if ep['success'] else 'fail'}",
+            )
+            ep["video"] = str(write_mp4(out / "videos" / f"{name}.mp4", frames, VIDEO_FPS).relative_to(out))
+        if opts.plots < 0 or k < opts.plots:
+            if self.replay is not None:
+                expert_grip, _ = self.replay.gripper_commands(st)
+                expert_labels = executed_labels(expert_grip, setup.sigma_lead, setup.sigma_trail)
+            else:
+                expert_labels = labels  # the policy is the expert: same trajectory, same labels
+            title = f"{name}: {'success' if ep['success'] else 'failure'} in {steps} steps ({opts.policy})"
+            path = plot_router(out / "plots" / f"{name}.png", title, w, labels, expert_labels, grip)
+            ep["plot"] = str(path.relative_to(out))
+        line = {**ep, "log": log.to_dict(), "router_label": labels.tolist()}
+        self.journal.append(line)
+        return line
+
+    def close(self) -> None:
+        self.journal.close()
+        if self.replay is not None:
+            replay, self.replay = self.replay, None
             replay.close()
-    return episodes
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -649,7 +899,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--suite", required=True, help="mt10 | mt50 | grip | comma-separated task names")
     p.add_argument("--episodes", type=int, required=True, help="episodes per task")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--out", type=Path, required=True,
+        help="output folder; must be empty or new unless --resume or --overwrite",
+    )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the interrupted evaluation in --out: run only the episodes not yet recorded in its "
+        "episodes.jsonl (same options, checkpoint and versions required)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the evaluation in a non-empty --out: its results, reports, episodes, videos and plots "
+        "are deleted first",
+    )
     p.add_argument(
         "--policy", choices=POLICIES, default=None, help="default: checkpoint if given, else an error"
     )
@@ -719,12 +982,21 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         append_results=args.append_results,
         title=args.title,
         progress=not args.no_progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
     ).validate()
 
 
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
-    res = evaluate(opts, invoked_as=["damvla", *sys.argv[1:]] if Path(sys.argv[0]).name == "damvla" else None)
+    try:
+        res = evaluate(opts, invoked_as=["damvla", *sys.argv[1:]] if Path(sys.argv[0]).name == "damvla" else None)
+    except EvalInterrupted as e:
+        print(f"damvla eval: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the first episode started: nothing to keep
+        print("damvla eval: interrupted before any episode ran; nothing recorded", file=sys.stderr)
+        return 130
     ov = res["overall"]
     lo, hi = ov["wilson95"]
     for task, s in res["tasks"].items():

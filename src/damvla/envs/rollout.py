@@ -35,10 +35,13 @@ Only Meta-World is wired in (``simulator="metaworld_v3"``); another simulator pl
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -169,6 +172,9 @@ class _EnvHost:
 
 
 def _worker_main(conn: Connection, privileged: bool = False) -> None:
+    # Ctrl-C reaches the whole process group: the main process handles it (it records the finished
+    # episodes and closes the workers); a worker that died of it first would count as a failed episode.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("LP_NUM_THREADS", "1")  # one raster thread per worker process
     os.environ.setdefault("MUJOCO_GL", "egl")
     host = _EnvHost(privileged)
@@ -185,6 +191,19 @@ def _worker_main(conn: Connection, privileged: bool = False) -> None:
         pass
     finally:
         host.close()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT for the duration (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class WorkerError(RuntimeError):
@@ -207,7 +226,8 @@ class _Slot:
             ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited GL context or MuJoCo state
             self._conn, child = ctx.Pipe()
             self._proc = ctx.Process(target=_worker_main, args=(child, privileged), daemon=True)
-            self._proc.start()
+            with _sigint_ignored():  # inherited: the child starts up ignoring Ctrl-C (see _worker_main)
+                self._proc.start()
             child.close()
         else:
             self._host = _EnvHost(privileged)
