@@ -173,6 +173,15 @@ def test_short_run_warns_that_it_ends_inside_warmup_and_prints_no_json_dump(data
     assert '"policy": {' not in out  # the config is summarised, the whole of it is in train_config.json
 
 
+def test_a_task_too_long_for_the_prompt_is_refused_before_training(dataset: Path, tmp_path: Path, capsys) -> None:
+    # "In: What action should the robot take to pick block 0?\nOut: " is 60 bytes.
+    assert train(dataset, tmp_path / "run", "language.max_prompt_tokens=40") == 1
+    err = capsys.readouterr().err
+    assert "3 task(s) make prompts longer than language.max_prompt_tokens=40" in err
+    assert "pass the override language.max_prompt_tokens=60" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_bad_train_argument_is_refused_before_torch_is_imported() -> None:
     import subprocess
     import sys
