@@ -95,7 +95,7 @@ def test_train_tiny_writes_loadable_checkpoint_png_tensorboard_and_metrics(datas
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000004"
     ckpt = find_checkpoint(out)
     policy = DAMVLAPolicy.from_pretrained(ckpt)
-    assert policy.config.dit.depth == 1 and policy.metadata["camera_key"] == CAM
+    assert policy.config.dit.depth == 1 and policy.metadata["camera_key"] == CAM and policy.metadata["step"] == 4
     run = RunConfig.load(ckpt / "train_config.json")
     assert run.train.steps == 4 and run.policy == policy.config and run.train.overrides == FAST
 

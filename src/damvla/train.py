@@ -423,7 +423,9 @@ class Trainer:
             }  # fmt: skip
 
             def write(tmp: Path) -> None:
-                export_policy(self.policy, exported, self.policy.metadata).save_pretrained(tmp)
+                # The step travels in metadata.json too: a copied checkpoint folder still says which it is.
+                meta = {**self.policy.metadata, "step": self.step}
+                export_policy(self.policy, exported, meta).save_pretrained(tmp)
                 (tmp / ckpt_io.RUN_CONFIG_FILE).write_text(self.run.to_json())
                 ckpt_io.save_state(tmp / ckpt_io.STATE_FILE, state)
 

@@ -155,7 +155,8 @@ class PolicyServer:
         camera = self.config.vision.camera
         self.obs_map = (obs_map or ObservationMap.default(camera)).validate(camera)
         self.image_size = self.config.vision.image_size
-        self.state_dim = state_dim_from_metadata(getattr(policy, "metadata", None))
+        # A state-conditioned policy (config.state_dim) needs exactly that length; else what the data had.
+        self.state_dim = self.config.state_dim or state_dim_from_metadata(getattr(policy, "metadata", None))
         self.device = _policy_device(policy)
         self.metadata = self._build_metadata()
         # One worker: the model runs one batch at a time, in arrival order.
@@ -191,7 +192,7 @@ class PolicyServer:
                 "shape": [self.state_dim if self.state_dim is not None else -1],  # -1: any length
                 "required": om.state_required,
                 "maps_to": "observation.state",
-                "read_by_model": False,  # DAM-VLA / CogACT condition on images + instruction only
+                "read_by_model": bool(cfg.state_dim),  # the cpu preset's state condition; else images + prompt
             }
         observation[om.prompt] = {"dtype": "str", "shape": [], "required": True, "maps_to": "task"}
         ab = cfg.ablation
