@@ -210,3 +210,16 @@ def test_grip_suite_membership_matches_expert_gripper_use(task, grips):
     assert all(stats["success"]), stats
     assert (min(stats["flips"]) > 0) == grips, stats
     assert (task in GRIP_TASKS) == grips
+
+
+def test_every_meta_world_instruction_fits_the_byte_presets_prompt_limit() -> None:
+    """`collect --suite mt10` then `train --preset tiny|small` (the README's path) must not stop mid-run on
+    a long task: CogACT's template around each MT50 instruction fits max_prompt_tokens."""
+    from damvla.config import preset
+    from damvla.model.language import prompt_token_ids
+    from damvla.model.tokenizer import ByteTokenizer
+
+    for name in ("tiny", "small", "cpu"):
+        lang = preset(name).language
+        longest = max(len(prompt_token_ids(lang, ByteTokenizer(), s)) for s in INSTRUCTIONS.values())
+        assert longest <= lang.max_prompt_tokens, (name, longest)

@@ -60,6 +60,9 @@ def test_resolved_checkpoint_follows_latest_and_reads_the_step(tmp_path):
     (tmp_path / "released").mkdir()
     (tmp_path / "released" / "config.json").write_text("{}")
     assert resolved_checkpoint(tmp_path / "released") == ((tmp_path / "released").resolve(), None)
+    # Training writes the step into metadata.json, so a copied checkpoint still knows it.
+    (tmp_path / "released" / "metadata.json").write_text('{"step": 9000, "fps": 80}')
+    assert resolved_checkpoint(tmp_path / "released") == ((tmp_path / "released").resolve(), 9000)
 
 
 def test_report_names_the_checkpoint_folder_a_run_folder_resolved_to_and_its_step():

@@ -22,7 +22,7 @@ from damvla.config import preset
 from damvla.serving.client import PolicyClient
 from damvla.serving.observation import ObservationError, ObservationMap, observation_to_batch, resize_image
 from damvla.serving.protocol import ProtocolError, packb, unpackb
-from damvla.serving.server import PolicyServer, ServerThread
+from damvla.serving.server import PolicyServer, RequestError, ServerThread, warmup_observation
 
 # openpi's client calls websockets' connect() directly; websockets >= 17.1 warns about that style.
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
@@ -92,6 +92,22 @@ def served():
     policy = DoublePolicy()
     with ServerThread(PolicyServer(policy, port=0)) as srv:
         yield srv, policy
+
+
+def test_a_state_conditioned_checkpoint_gets_its_own_state_length_in_warm_up_and_requests():
+    # The released checkpoint (cpu preset, state_dim=4) records its features as damvla writes them; serving
+    # it failed at the warm-up, which sent the default 8 values.
+    policy = DoublePolicy()
+    policy.config.state_dim = 4
+    policy.metadata = {"features": {"observation.state": [4]}, "fps": 80}
+    server = PolicyServer(policy, port=0)
+    state = server.metadata["observation"]["observation/state"]
+    assert server.state_dim == 4 and state["shape"] == [4] and state["read_by_model"]
+    obs = warmup_observation(server)
+    assert obs["observation/state"].shape == (4,)
+    server.prepare(packb(obs))
+    with pytest.raises(RequestError, match="expected 4 values"):
+        server.prepare(packb({**obs, "observation/state": np.zeros(8, np.float32)}))
 
 
 # ---- wire format -------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_train_tiny_writes_loadable_checkpoint_png_tensorboard_and_metrics(datas
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000004"
     ckpt = find_checkpoint(out)
     policy = DAMVLAPolicy.from_pretrained(ckpt)
-    assert policy.config.dit.depth == 1 and policy.metadata["camera_key"] == CAM
+    assert policy.config.dit.depth == 1 and policy.metadata["camera_key"] == CAM and policy.metadata["step"] == 4
     run = RunConfig.load(ckpt / "train_config.json")
     assert run.train.steps == 4 and run.policy == policy.config and run.train.overrides == FAST
 
@@ -171,6 +171,15 @@ def test_short_run_warns_that_it_ends_inside_warmup_and_prints_no_json_dump(data
     out = capsys.readouterr().out
     assert "ends inside the learning-rate warm-up" in out
     assert '"policy": {' not in out  # the config is summarised, the whole of it is in train_config.json
+
+
+def test_a_task_too_long_for_the_prompt_is_refused_before_training(dataset: Path, tmp_path: Path, capsys) -> None:
+    # "In: What action should the robot take to pick block 0?\nOut: " is 60 bytes.
+    assert train(dataset, tmp_path / "run", "language.max_prompt_tokens=40") == 1
+    err = capsys.readouterr().err
+    assert "3 task(s) make prompts longer than language.max_prompt_tokens=40" in err
+    assert "pass the override language.max_prompt_tokens=60" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_bad_train_argument_is_refused_before_torch_is_imported() -> None:

@@ -17,7 +17,7 @@ DESCRIPTION = (
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("damvla.info", "print a preset's resolved config and parameter counts"),
     "collect": ("damvla.envs.collect", "collect scripted-expert demonstrations (LeRobot v3.0)"),
-    "data": ("damvla.data.check", "dataset tools: `damvla data check DIR`"),
+    "data": ("damvla.data.check", "dataset tools: `damvla data check DATASET` (a folder or a Hugging Face dataset id)"),
     "train": ("damvla.training.arguments", "train a policy on a LeRobot dataset"),
     "eval": ("damvla.evaluate", "closed-loop evaluation in simulation"),
     "compare": ("damvla.compare", "compare evaluated runs: table, difference to a baseline, training curves"),

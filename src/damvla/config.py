@@ -321,7 +321,8 @@ def _tiny() -> PolicyConfig:
         ),
         language=LanguageConfig(
             hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=344,
-            vocab_size=384, max_position_embeddings=512, tokenizer="byte", max_prompt_tokens=96,
+            # 112: CogACT's template around the longest Meta-World MT50 instruction is 106 bytes.
+            vocab_size=384, max_position_embeddings=512, tokenizer="byte", max_prompt_tokens=112,
         ),
         dit=copy.deepcopy(DIT_SIZES["tiny"]),
     )
@@ -338,7 +339,8 @@ def _small() -> PolicyConfig:
         ),
         language=LanguageConfig(
             hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8, intermediate_size=1376,
-            vocab_size=384, max_position_embeddings=512, tokenizer="byte", max_prompt_tokens=96,
+            # 112: CogACT's template around the longest Meta-World MT50 instruction is 106 bytes.
+            vocab_size=384, max_position_embeddings=512, tokenizer="byte", max_prompt_tokens=112,
         ),
         dit=copy.deepcopy(DIT_SIZES["S"]),
     )

@@ -273,12 +273,19 @@ def check_disjoint(states: list[Any], train: dict[str, set[int]]) -> None:
 # ---- provenance ----------------------------------------------------------------------------------
 def resolved_checkpoint(path: str | Path) -> tuple[Path, int | None]:
     """The checkpoint folder a CHECKPOINT argument names (a run folder resolves through its ``latest``
-    pointer), absolute, and its training step when the folder is a ``step-XXXXXXX`` checkpoint, else None."""
+    pointer), absolute, and its training step: from a ``step-XXXXXXX`` folder name, else the ``step`` that
+    training records in metadata.json (a checkpoint copied elsewhere), else None."""
     from damvla.model.policy import resolve_checkpoint
 
     folder = resolve_checkpoint(path).resolve()
     m = re.fullmatch(r"step-(\d+)", folder.name)
-    return folder, int(m.group(1)) if m else None
+    if m:
+        return folder, int(m.group(1))
+    try:
+        step = json.loads((folder / "metadata.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        step = None
+    return folder, step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def check_device(device: str, flag: str = "--device") -> None:

@@ -30,6 +30,8 @@ import torch
 
 from damvla.config import apply_overrides, preset
 from damvla.data.dataset import dataset_content_fingerprint
+from damvla.data.hub import parse_repo_id, resolve_dataset
+from damvla.data.lerobot import DatasetError
 from damvla.training import checkpoint as ckpt_io
 from damvla.training.arguments import FLAGS
 from damvla.training.augment import augment_images
@@ -153,10 +155,11 @@ class Trainer:
 
         if tc.val_episodes and tc.parallel == "fsdp" and ctx.distributed:
             raise ValueError("--val-episodes with --parallel fsdp is not supported yet (validation runs unsharded)")
-        full = build_dataset(tc.dataset, cfg)
+        root = self._dataset_root()
+        full = build_dataset(root, cfg)
         train_eps, val_eps = split_episodes(full.episode_indices, tc.val_episodes)
-        self.dataset = build_dataset(tc.dataset, cfg, episodes=train_eps) if val_eps else full
-        self.val_dataset = build_dataset(tc.dataset, cfg, episodes=val_eps) if val_eps else None
+        self.dataset = build_dataset(root, cfg, episodes=train_eps) if val_eps else full
+        self.val_dataset = build_dataset(root, cfg, episodes=val_eps) if val_eps else None
         self.dataset_fingerprint = dataset_content_fingerprint(full)
         st: dict[str, Any] = {}
         if resume_from is not None:
@@ -239,6 +242,27 @@ class Trainer:
                                  f"the run had {st['steps_per_epoch']} (was --dataset changed?)")  # fmt: skip
         self.last_checkpoint: Path | None = resume_from
         self.logger: MetricLogger | None = None
+
+    def _dataset_root(self) -> str:
+        """The folder of ``--dataset``: itself, or a Hub dataset id's snapshot in the Hugging Face cache. Rank 0
+        resolves it (downloading when needed); the other ranks then read the same commit, from the same
+        cache when they share the machine, else downloading that exact commit."""
+        spec, ctx = self.tc.dataset, self.ctx
+        if not ctx.distributed:
+            return str(resolve_dataset(spec, log=self.print))
+        result: tuple[str, str | None] = ("", None)
+        if ctx.is_main:
+            try:
+                result = (str(resolve_dataset(spec, log=self.print)), None)
+            except DatasetError as e:
+                result = ("", str(e))
+        path, error = ctx.broadcast_object(result)
+        if error is not None:
+            raise DatasetError(error)
+        parsed = parse_repo_id(spec)
+        if ctx.is_main or Path(path).exists() or parsed is None or Path(path).parent.name != "snapshots":
+            return path
+        return str(resolve_dataset(f"{parsed[0]}@{Path(path).name}", log=None))  # the commit rank 0 read
 
     def _check_dataset(self, resume_from: Path, saved: str | None, allow_change: bool) -> None:
         """Resuming on other data silently makes a different run: refuse unless --allow-dataset-change."""
@@ -399,7 +423,9 @@ class Trainer:
             }  # fmt: skip
 
             def write(tmp: Path) -> None:
-                export_policy(self.policy, exported, self.policy.metadata).save_pretrained(tmp)
+                # The step travels in metadata.json too: a copied checkpoint folder still says which it is.
+                meta = {**self.policy.metadata, "step": self.step}
+                export_policy(self.policy, exported, meta).save_pretrained(tmp)
                 (tmp / ckpt_io.RUN_CONFIG_FILE).write_text(self.run.to_json())
                 ckpt_io.save_state(tmp / ckpt_io.STATE_FILE, state)
 

@@ -1,4 +1,6 @@
-"""`damvla data check DIR`: validate a LeRobot v3.0 dataset for training and print a report.
+"""`damvla data check DATASET`: validate a LeRobot v3.0 dataset for training and print a report.
+
+DATASET is a folder, or a Hugging Face dataset id ``namespace/name[@revision]`` (``damvla.data.hub``).
 
 The report: episodes, frames, tasks; per action dimension min/max and q01/q99 (and which dimensions are
 near-constant, hence normalised to 0); gripper flips per episode; router label balance.
@@ -27,13 +29,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "check",
         help="validate a dataset and print a report",
-        description="Validate a LeRobot v3.0 dataset folder for training and print a report: episodes, "
+        description="Validate a LeRobot v3.0 dataset (a folder, or a Hugging Face dataset id) for training and "
+        "print a report: episodes, "
         "frames, tasks, per-dimension action ranges, gripper flips per episode and the router-label "
         "balance. Also checks what LeRobot's reader relies on: contiguous, non-overlapping episode index "
         "ranges and fps consistent with the timestamps. Exits 1 naming the file, episode or field at the "
         "first error.",
     )
-    p.add_argument("dir", help="LeRobot v3.0 dataset folder (the one holding meta/, data/, videos/)")
+    p.add_argument(
+        "dir", metavar="DATASET",
+        help="LeRobot v3.0 dataset folder (the one holding meta/, data/, videos/), or a Hugging Face dataset id "
+        "namespace/name[@revision], downloaded into the Hugging Face cache (HF_HUB_OFFLINE=1: cache only)",
+    )
     p.add_argument(
         "--camera",
         default=None,
@@ -87,19 +94,22 @@ def pick_camera(camera_keys: list[str], camera: str | None) -> tuple[str, str | 
 
 def run(args: argparse.Namespace) -> int:
     """Validate ``args.dir`` and print the report; raises ValueError (exit 1 via the CLI) when invalid."""
-    from damvla.data import integrity
+    from damvla.data.hub import resolve_dataset
+
+    root = resolve_dataset(args.dir)  # a local folder, or a Hub dataset's snapshot in the Hugging Face cache
+    from damvla.data import integrity  # torch: only once there is a dataset to read
     from damvla.data.dataset import PolicyDataset
     from damvla.data.lerobot import LeRobotDatasetReader
 
     findings: list[str] = []
-    reader = LeRobotDatasetReader(args.dir)  # raises naming the folder / file that is wrong
+    reader = LeRobotDatasetReader(root)  # raises naming the folder / file that is wrong
     integrity.check_index_ranges(reader)
     integrity.check_timestamps(reader)
     camera, note = pick_camera(reader.camera_keys, args.camera)
     if note:
         findings.append(note)
     ds = PolicyDataset(
-        args.dir,
+        root,
         horizon=args.horizon,
         image_size=8,  # not used for the report; small so --decode caches little
         camera=camera,

@@ -42,6 +42,17 @@ def llama_config(cfg: LanguageConfig) -> LlamaConfig:
     )
 
 
+def prompt_token_ids(cfg: LanguageConfig, tok: Tokenizer, instruction: str) -> list[int]:
+    """Token ids of the prompt (``cfg.prompt_template``) for one instruction, without BOS and cognition
+    token, whatever their number (``LanguageBackbone.prompt_ids`` also enforces ``max_prompt_tokens``)."""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"task: expected a non-empty instruction string, got {instruction!r}")
+    ids = tok.encode(cfg.prompt_template.format(instruction=instruction.strip().lower()))
+    if any(i >= cfg.vocab_size for i in ids):
+        raise ValueError(f"task {instruction[:60]!r}: token ids exceed language.vocab_size={cfg.vocab_size}")
+    return ids
+
+
 class LanguageBackbone(nn.Module):
     def __init__(self, cfg: LanguageConfig, vision_dim: int, load_pretrained: bool = True) -> None:
         super().__init__()
@@ -76,16 +87,12 @@ class LanguageBackbone(nn.Module):
 
     def prompt_ids(self, instruction: str) -> list[int]:
         """Token ids of CogACT's prompt for one instruction, without BOS and cognition token."""
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise ValueError(f"task: expected a non-empty instruction string, got {instruction!r}")
-        ids = self.encode_prompt(instruction)
+        ids = prompt_token_ids(self.cfg, self.tokenizer, instruction)
         if len(ids) > self.cfg.max_prompt_tokens:
             raise ValueError(
                 f"task {instruction[:60]!r}...: prompt is {len(ids)} tokens, more than "
                 f"language.max_prompt_tokens={self.cfg.max_prompt_tokens}"
             )
-        if any(i >= self.cfg.vocab_size for i in ids):
-            raise ValueError(f"task {instruction[:60]!r}: token ids exceed language.vocab_size={self.cfg.vocab_size}")
         return ids
 
     def forward(self, patches: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

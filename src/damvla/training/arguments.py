@@ -29,7 +29,9 @@ FLAGS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help=f"model size (default {d.preset})")
-    p.add_argument("--dataset", default=None, help="LeRobot v3.0 dataset folder")
+    p.add_argument("--dataset", default=None,
+                   help="LeRobot v3.0 dataset folder, or a Hugging Face dataset id namespace/name[@revision] "
+                        "(downloaded into the Hugging Face cache; HF_HUB_OFFLINE=1: cache only)")  # fmt: skip
     p.add_argument("--out", default=None, help="run folder: checkpoints/, tb/, metrics.jsonl, loss_curves.png")
     p.add_argument("--steps", type=int, default=None, help=f"TOTAL optimiser steps of the run, also when resuming (default {d.steps})")
     p.add_argument("--resume", default=None, help="a run folder or checkpoint folder: continue that run exactly")

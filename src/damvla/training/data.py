@@ -86,10 +86,31 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
     except DatasetError as e:
         raise ValueError(f"dataset {root}: {e}") from e
     check_sample(ds[0], cfg, root)
+    if episodes is None:
+        check_prompts(reader.tasks, cfg, root)
     if cfg.state_dim and tuple(ds[0]["observation.state"].shape) != (cfg.state_dim,):
         raise ValueError(f"dataset {root}: observation.state has shape {tuple(ds[0]['observation.state'].shape)}, "
                          f"the config has state_dim={cfg.state_dim}")  # fmt: skip
     return ds
+
+
+def check_prompts(tasks: list[str], cfg: PolicyConfig, root: str) -> None:
+    """Every task's prompt fits ``language.max_prompt_tokens``: refused before training, not at the first
+    batch that draws the longest task."""
+    from damvla.model.language import prompt_token_ids
+    from damvla.model.tokenizer import load_tokenizer
+
+    lang = cfg.language
+    tok = load_tokenizer(lang.tokenizer, lang.pretrained_path)
+    lengths = {t: len(prompt_token_ids(lang, tok, t)) for t in tasks}
+    over = [t for t, n in lengths.items() if n > lang.max_prompt_tokens]
+    if over:
+        longest = max(over, key=lengths.__getitem__)
+        raise ValueError(
+            f"dataset {root}: {len(over)} task(s) make prompts longer than language.max_prompt_tokens="
+            f"{lang.max_prompt_tokens}, the longest {longest[:60]!r} ({lengths[longest]} tokens); pass the override "
+            f"language.max_prompt_tokens={lengths[longest]}"
+        )
 
 
 def check_sample(x: dict[str, Any], cfg: PolicyConfig, root: str) -> None:
