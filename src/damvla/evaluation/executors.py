@@ -160,8 +160,11 @@ class CheckpointExecutor(Executor):
         keys: list[str],
         seed: int = 0,
         inference: InferenceConfig | None = None,
+        binarize_gripper: bool = True,
     ) -> None:
-        """``policy``: a ``DAMVLAPolicy`` (eval mode is set here); ``inference`` overrides its config's."""
+        """``policy``: a ``DAMVLAPolicy`` (eval mode is set here); ``inference`` overrides its config's.
+        ``binarize_gripper=False`` passes the ensembles' averaged gripper value on un-thresholded (SIMPLER:
+        CogACT's sticky gripper and WidowX threshold read the averaged value)."""
         from damvla.model.action_queue import ActionQueue
 
         super().__init__(keys, seed)
@@ -172,7 +175,8 @@ class CheckpointExecutor(Executor):
             raise ValueError(
                 f"execute_steps={self.inference.execute_steps} must be in [1, horizon={cfg.horizon}]"
             )
-        self._make_queue = lambda: ActionQueue(self.inference, cfg.horizon, cfg.gripper_index)
+        grip = cfg.gripper_index if binarize_gripper else None
+        self._make_queue = lambda: ActionQueue(self.inference, cfg.horizon, grip)
         self._queues: dict[int, Any] = {}
         self._gens: dict[int, torch.Generator] = {}
         self._last: dict[int, tuple[float, int]] = {}  # slot -> (router weight, head) of its newest chunk
