@@ -26,6 +26,7 @@ server = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(server)
 
 LIMITS = {"Drawer": 113, "Grasp": 80, "Put": 60}
+SUBTASK_STEPS = 3  # PlaceInto...: "open ... drawer" for 3 steps, then "place apple into ... drawer"
 
 
 class FakeBackend:
@@ -58,6 +59,7 @@ class FakeBackend:
             instruction = f"{'close' if self.closing else 'open'} {self.drawer} drawer"
         else:
             instruction = "pick coke can" if "Coke" in self.env_name else "put the spoon on the towel"
+        self.instruction = instruction
         header = {
             "instruction": instruction,
             "max_steps": int(limit),
@@ -85,7 +87,12 @@ class FakeBackend:
         else:
             success = bool(a[6] > 0.5 and self.t > 2)
             stats = {"is_grasped": bool(a[6] > 0), "consecutive_grasp": success}
+        if (
+            self.env_name.startswith("PlaceInto") and self.t == SUBTASK_STEPS
+        ):  # SIMPLER forces the next subtask
+            self.instruction = f"place apple into {self.drawer} drawer"
         header = {
+            "instruction": self.instruction,
             "reward": float(success),
             "done": self.t >= 10_000,
             "success": bool(success),

@@ -160,7 +160,8 @@ class _EnvHost:
             obs, reward, done, info = self.env.step(msg[1])
             dt = time.perf_counter() - t0
             flags = {str(k): bool(v) for k, v in (info.get("milestones") or {}).items()}
-            return self._slim(obs), reward, done, {"success": bool(info["success"]), "step_s": dt, "milestones": flags}
+            reply = {"success": bool(info["success"]), "step_s": dt, "milestones": flags}
+            return self._slim(obs), reward, done, {**reply, "instruction": self.env.instruction}
         raise ValueError(f"rollout worker: unknown request {kind!r}")
 
     def _slim(self, obs: dict[str, Any]) -> dict[str, Any]:
@@ -400,6 +401,7 @@ def rollout(
                     start(s)
                     continue
                 r.obs, r.start = obs, False
+                r.instruction = info.get("instruction") or r.instruction  # long-horizon tasks change it
                 r.steps += 1
                 r.reward += float(reward)
                 r.env_seconds += float(info.get("step_s", 0.0))

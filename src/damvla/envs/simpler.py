@@ -20,6 +20,8 @@ stdout (protocol in that file). Setup and the CPU workaround: docs/simpler.md.
   into the square, as CogACT's ``cv2.resize(..., INTER_AREA)`` does).
 - Success: SIMPLER's episodes run to the time limit and count the task as solved when it is solved at the
   *last* step (``success_at_end``); a drawer opened and closed again is a failure.
+- Long-horizon tasks (put the apple in the drawer) switch instruction mid-episode; ``instruction`` follows
+  it and the sticky gripper restarts, as CogACT's wrapper resets on a new instruction.
 - Phase flags (``info["milestones"]``): the boolean entries of SIMPLER's ``episode_stats`` (grasped, lifted,
   moved the correct object, drawer open, ...); the drawer tasks have none.
 """
@@ -332,7 +334,11 @@ class SimplerClient:
         self.proc = subprocess.Popen(
             self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env
         )
-        hello, _ = self.request({"cmd": "hello"})
+        try:
+            hello, _ = self.request({"cmd": "hello"})
+        except SimplerServerError:
+            self.close()
+            raise
         if hello.get("protocol") != PROTOCOL_VERSION:
             self.close()
             raise SimplerServerError(
@@ -354,7 +360,10 @@ class SimplerClient:
             write_message(self.proc.stdin, header, arrays)
             reply, out = read_message(self.proc.stdout)
         except (BrokenPipeError, ProtocolError, OSError) as e:
-            code = self.proc.poll()
+            try:
+                code = self.proc.wait(timeout=5)  # a closed stream usually means the process is exiting
+            except subprocess.TimeoutExpired:
+                code = None
             raise SimplerServerError(
                 f"SIMPLER server ({' '.join(self.command)}) died during {header.get('cmd')!r} "
                 f"(exit code {code}, {type(e).__name__}: {e}); its stderr ends with:\n{self.stderr_tail()}"
@@ -378,7 +387,10 @@ class SimplerClient:
                 self.proc.wait(timeout=5)
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
-                f.close()
+                try:
+                    f.close()
+                except OSError:  # unflushed bytes to a dead process
+                    pass
         self._log.close()
         try:
             os.unlink(self._log.name)
@@ -459,6 +471,12 @@ class SimplerEnv(Env):
         reply, arrays = self._client.request({"cmd": "step"}, {"action": native})
         self._steps += 1
         done = bool(reply["done"]) or self._steps >= self.max_steps
+        new = reply.get("instruction")
+        if new and new != self.instruction:
+            # The next subtask of a long-horizon task: CogACT resets its policy state (ensemble and sticky
+            # gripper) when the instruction changes; the executor restarts its ensemble on the new text.
+            self.instruction = str(new)
+            self.action_mapping.reset()
         info = {
             "success": bool(reply["success"]),
             "milestones": {str(k): bool(v) for k, v in (reply.get("milestones") or {}).items()},

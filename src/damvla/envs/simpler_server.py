@@ -17,7 +17,7 @@ array payloads follow in that order. Object, void and complex dtypes are refused
 |---|---|---|
 | ``hello`` | | ``protocol``, ``server``, ``versions`` |
 | ``reset`` | ``state`` (an ``InitialState`` dict), ``shader`` (None: the config's own) | ``instruction``, ``max_steps``, ``robot``, ``info``; arrays ``image`` uint8 (H, W, 3), ``state`` float32 (S,) |
-| ``step`` | array ``action`` float64 (7,): SIMPLER's native action | ``reward``, ``done`` (time limit), ``success``, ``milestones`` {name: bool}, ``info``; arrays ``image``, ``state`` |
+| ``step`` | array ``action`` float64 (7,): SIMPLER's native action | ``instruction`` (it changes between the subtasks of long-horizon tasks), ``reward``, ``done`` (time limit), ``success``, ``milestones`` {name: bool}, ``info``; arrays ``image``, ``state`` |
 | ``close`` | | (then the server exits) |
 
 Every reply carries ``"ok": true``, or ``"ok": false`` with ``"error"`` (type and message) and
@@ -240,6 +240,8 @@ class SimplerBackend:
             raise ValueError(f"SIMPLER takes a 7-D action (xyz, axis-angle, gripper), got shape {a.shape}")
         obs, reward, terminated, truncated, info = self.env.step(a)
         header = {
+            # Long-horizon tasks (open the drawer, then place the apple) change it mid-episode.
+            "instruction": self.env.unwrapped.get_language_instruction(),
             "reward": float(reward),
             "done": bool(truncated),
             "success": bool(info.get("success", terminated)),

@@ -180,6 +180,7 @@ class CheckpointExecutor(Executor):
         self._queues: dict[int, Any] = {}
         self._gens: dict[int, torch.Generator] = {}
         self._last: dict[int, tuple[float, int]] = {}  # slot -> (router weight, head) of its newest chunk
+        self._instruction: dict[int, str] = {}  # slot -> the instruction its queue was filled for
 
     def _act(self, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from damvla.data.dataset import resize_images
@@ -191,6 +192,12 @@ class CheckpointExecutor(Executor):
                 self._queues[slot] = self._make_queue()
                 # CPU generator: the same noise whatever the device, and no device sync per draw.
                 self._gens[slot] = torch.Generator().manual_seed(episode_seed(self.seed, self.keys[int(idx)]))
+        for slot, text in zip(slots, batch["task"]):
+            if self._instruction.get(slot, text) != text:
+                # A new subtask's instruction (SIMPLER's long-horizon tasks): start its chunks afresh, as
+                # CogACT's wrapper does; the noise generator runs on.
+                self._queues[slot] = self._make_queue()
+            self._instruction[slot] = text
         need = [row for row, slot in enumerate(slots) if self._queues[slot].needs_chunk()]
         if "has_image" in batch and not np.all(np.asarray(batch["has_image"])[need]):
             raise ValueError("the checkpoint policy needs rendered images: run every spec with render=True")
