@@ -524,11 +524,10 @@ def _real_simpler_python() -> str | None:
     py = os.environ.get(simpler.PYTHON_ENV_VAR)
     if not py:
         return None
-    r = subprocess.run([py, "-c", "import simpler_env, sapien"], capture_output=True, timeout=120)
+    r = subprocess.run([py, "-c", "import simpler_env, sapien"], capture_output=True, timeout=600)
     return py if r.returncode == 0 else None
 
 
-@pytest.mark.sim
 def test_one_real_drawer_episode_with_the_ibl_shader(tmp_path, monkeypatch):
     py = _real_simpler_python()
     if py is None:
@@ -542,7 +541,7 @@ def test_one_real_drawer_episode_with_the_ibl_shader(tmp_path, monkeypatch):
     out = tmp_path / "real"
     assert main(["eval", "--policy", "random", "--suite", "simpler:google_robot_open_drawer", "--episodes", "1",
                  "--out", str(out), "--workers", "0", "--no-progress", "--simpler-python", py,
-                 "--simpler-shader", "ibl", "--timeout", "600"]) == 0  # fmt: skip
+                 "--simpler-shader", "ibl", "--timeout", "1800"]) == 0  # fmt: skip
     res = json.loads((out / "results.json").read_text())
     ep = res["episodes"][0]
     assert ep["error"] is None and ep["steps"] == 113 and ep["instruction"].startswith("open")
