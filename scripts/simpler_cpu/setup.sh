@@ -9,7 +9,8 @@
 # PREFIX: a folder for the extracted packages (~60 MB); SIMPLER_PYTHON: the venv Python that has simpler_env.
 set -euo pipefail
 PREFIX=$(realpath -m "${1:?usage: setup.sh PREFIX SIMPLER_PYTHON}")
-PY=$(realpath "${2:?usage: setup.sh PREFIX SIMPLER_PYTHON}")
+PY="${2:?usage: setup.sh PREFIX SIMPLER_PYTHON}"
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute, but not resolved: a venv's python is a symlink
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$PREFIX"/apt/lists/partial "$PREFIX"/apt/archives/partial "$PREFIX"/mesa "$PREFIX"/vkdev "$PREFIX"/layer
 
