@@ -73,6 +73,8 @@ class EvalOptions:
     progress: bool = True
     resume: bool = False  # continue the interrupted evaluation in `out`
     overwrite: bool = False  # replace what an earlier evaluation wrote into `out`
+    simpler_python: str | None = None  # SimplerEnv's interpreter (else $DAMVLA_SIMPLER_PYTHON)
+    simpler_shader: str | None = None  # None: the protocol's shader; "ibl" on a CPU (not comparable)
 
     def validate(self) -> EvalOptions:
         errs = []
@@ -102,6 +104,10 @@ class EvalOptions:
             errs.append(f"--threads must be >= 1, got {self.threads}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             errs.append(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.simpler_shader is not None and self.simpler_shader not in ("ibl", "rt", "default"):
+            errs.append(f"--simpler-shader must be ibl, rt or default, got {self.simpler_shader!r}")
+        if (self.simpler_python or self.simpler_shader) and not self.suite.startswith("simpler:"):
+            errs.append("--simpler-python / --simpler-shader apply to --suite simpler:... only")
         if errs:
             raise ValueError("; ".join(errs))
         return self
@@ -118,6 +124,7 @@ class EnvSetup:
     training_seeds: dict[str, set[int]] = field(default_factory=dict)
     sigma_lead: float = 6.0
     sigma_trail: float = 2.0
+    notes: dict[str, Any] = field(default_factory=dict)  # checks a simulator adapter reports (SIMPLER)
 
 
 def training_seeds(metadata: dict[str, Any]) -> dict[str, set[int]]:
@@ -369,6 +376,8 @@ def canonical_command(opts: EvalOptions) -> str:
         "--resolution": opts.resolution,
         "--append-results": opts.append_results,
         "--title": opts.title,
+        "--simpler-python": opts.simpler_python,
+        "--simpler-shader": opts.simpler_shader,
     }
     for flag, value in optional.items():
         if value is not None:
@@ -390,6 +399,8 @@ def _policy_and_env(opts: EvalOptions, tasks: list[str], folder: Path | None = N
     random); no env process is started yet."""
     from damvla.envs.metaworld import DEFAULT_CAMERA, DEFAULT_RESOLUTION, dataset_action_mapping
 
+    if opts.suite.startswith("simpler:"):
+        return _simpler_policy_and_env(opts, tasks, folder)
     if opts.policy != "checkpoint":
         setup = EnvSetup(
             dataset_action_mapping(tasks),
@@ -409,6 +420,31 @@ def _policy_and_env(opts: EvalOptions, tasks: list[str], folder: Path | None = N
     return policy, check_checkpoint(policy, tasks, opts.camera, opts.resolution)
 
 
+def _simpler_policy_and_env(opts: EvalOptions, tasks: list[str], folder: Path | None) -> tuple[Any, EnvSetup]:
+    """SIMPLER's counterpart of ``_policy_and_env`` (``damvla.evaluation.simpler``)."""
+    from damvla.envs.simpler import DEFAULT_RESOLUTION
+    from damvla.evaluation import simpler
+
+    simpler.check_options(opts)
+    robot = simpler.suite_robot(tasks)
+    setup = EnvSetup({}, simpler.CAMERAS[robot], int(opts.resolution or DEFAULT_RESOLUTION))
+    if opts.policy != "checkpoint":
+        return None, setup
+    import torch
+
+    from damvla.model.policy import DAMVLAPolicy
+
+    check_device(opts.device)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    policy = DAMVLAPolicy.from_pretrained(folder or opts.checkpoint, device=opts.device)
+    setup.notes = simpler.check_checkpoint(policy, robot)
+    meta, w = policy.metadata, policy.config.weighting
+    setup.sigma_lead = float(meta.get("sigma_lead") or w.sigma_lead)
+    setup.sigma_trail = float(meta.get("sigma_trail") or w.sigma_trail)
+    return policy, setup
+
+
 def _make_executor(opts: EvalOptions, policy: Any, keys: list[str], tasks_of: list[str]) -> Any:
     from damvla.evaluation.executors import CheckpointExecutor, ExpertExecutor, RandomExecutor
 
@@ -423,6 +459,11 @@ def _make_executor(opts: EvalOptions, policy: Any, keys: list[str], tasks_of: li
         "ensemble_horizon": opts.ensemble_horizon,
     }
     inference = replace(inference, **{k: v for k, v in overrides.items() if v is not None})
+    if opts.suite.startswith("simpler:"):
+        from damvla.evaluation.simpler import inference_for, suite_robot
+
+        inference = inference_for(policy.config.inference, suite_robot(list(dict.fromkeys(tasks_of))), opts)
+        return CheckpointExecutor(policy, keys, opts.seed, inference, binarize_gripper=False)
     return CheckpointExecutor(policy, keys, opts.seed, inference)
 
 
@@ -609,7 +650,13 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
 
     opts.validate()
     check_out(opts)
-    tasks = resolve_suite(opts.suite)
+    is_simpler = opts.suite.startswith("simpler:")
+    if is_simpler:
+        from damvla.envs import simpler as simpler_env
+
+        tasks = simpler_env.resolve_suite(opts.suite)
+    else:
+        tasks = resolve_suite(opts.suite)
     # Resolved once: a run folder whose `latest` moves on mid-evaluation still records the checkpoint that ran.
     ckpt_folder, ckpt_step = resolved_checkpoint(opts.checkpoint) if opts.policy == "checkpoint" else (None, None)
     vers = versions()
@@ -622,9 +669,13 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
         states = read_initial_states(out / "initial_states.jsonl", tasks, opts.episodes)
     elif opts.initial_states is not None:
         states = read_initial_states(Path(opts.initial_states), tasks, opts.episodes)
+    elif is_simpler:
+        states = simpler_env.sample_initial_states(tasks, opts.episodes, opts.state_offset)
     else:
         states = sample_initial_states(tasks, opts.episodes, opts.state_offset)
-    check_disjoint(states, setup.training_seeds)
+    if not is_simpler:  # SIMPLER policies learn from real-robot data: no simulator seeds to overlap
+        check_disjoint(states, setup.training_seeds)
+    simpler_info = _simpler_info(opts, tasks, states, setup.notes) if is_simpler else None
 
     command = canonical_command(opts)
     if not opts.resume:
@@ -647,19 +698,28 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
         k = per_task_index[s.task]
         per_task_index[s.task] += 1
         position.append(k)
-        specs.append(
-            RolloutSpec(
-                s.task,
-                s,
-                camera=setup.camera,
-                resolution=setup.resolution,
-                max_steps=opts.max_steps,
-                action_mapping=setup.action_mapping,
-                record_frames=k < opts.videos,
-                # Expert and random never look at the image: render only the episodes filmed.
-                render=opts.policy == "checkpoint" or k < opts.videos,
-            )
+        spec = RolloutSpec(
+            s.task,
+            s,
+            camera=setup.camera,
+            resolution=setup.resolution,
+            max_steps=opts.max_steps,
+            action_mapping=setup.action_mapping,
+            record_frames=k < opts.videos,
+            # Expert and random never look at the image: render only the episodes filmed.
+            render=opts.policy == "checkpoint" or k < opts.videos,
         )
+        if is_simpler:  # SIMPLER renders every step; success is judged at the time limit
+            spec = replace(
+                spec,
+                camera=None,
+                action_mapping=None,
+                render=True,
+                stop_on_success=False,
+                success_at_end=True,
+                env_options=(("python", opts.simpler_python), ("shader", opts.simpler_shader)),
+            )
+        specs.append(spec)
     index_of = {s.initial_state.key: i for i, s in enumerate(specs)}
     if len(index_of) != len(specs):
         raise ValueError("the initial states repeat an episode key (task/seed-N); each episode must be distinct")
@@ -710,7 +770,7 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
     except KeyboardInterrupt:
         with _SigintDeferred():
             doc = _results_doc(opts, setup, policy, executor, specs, done, tasks, states, command, vers,
-                               time.perf_counter() - t0, ckpt_folder, ckpt_step, ran)  # fmt: skip
+                               time.perf_counter() - t0, ckpt_folder, ckpt_step, ran, simpler_info)  # fmt: skip
             write_json_atomic(out / "results.json", doc)
         raise EvalInterrupted(
             f"interrupted: {len(done)} of {len(specs)} episodes finished, recorded in {journal_path}; "
@@ -722,7 +782,7 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
 
     with _SigintDeferred():
         doc = _results_doc(opts, setup, policy, executor, specs, done, tasks, states, command, vers,
-                           time.perf_counter() - t0, ckpt_folder, ckpt_step, ran)  # fmt: skip
+                           time.perf_counter() - t0, ckpt_folder, ckpt_step, ran, simpler_info)  # fmt: skip
         # The journal is in finishing order; the final file is in episode order, like results.json.
         tmp = journal_path.with_name(journal_path.name + ".tmp-final")
         tmp.write_text("".join(json.dumps(done[s.initial_state.key]) + "\n" for s in specs))
@@ -738,6 +798,7 @@ def _results_doc(
     opts: EvalOptions, setup: EnvSetup, policy: Any, executor: Any, specs: list[Any],
     done: dict[str, dict[str, Any]], tasks: list[str], states: list[Any], command: str,
     vers: dict[str, Any], wall: float, ckpt_folder: Path | None, ckpt_step: int | None, ran: set[str],
+    simpler_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The ``results.json`` dict of the episodes in ``done`` (all of them, or the finished ones of an
     interrupted run: then ``complete`` is false and the per-task counts cover only those)."""
@@ -767,6 +828,8 @@ def _results_doc(
         "resolution": setup.resolution,
         "initial_states": "initial_states.jsonl",
     }
+    if simpler_info is not None:
+        cfg.update(simulator="simpler", simpler=simpler_info)
     if opts.policy == "checkpoint":
         inf = executor.inference
         cfg.update(
@@ -807,6 +870,38 @@ def _results_doc(
     }
 
 
+def _simpler_info(opts: EvalOptions, tasks: list[str], states: list[Any], notes: dict[str, Any]) -> dict[str, Any]:
+    """What results.json records of a SIMPLER run beyond the Meta-World fields."""
+    from damvla.envs.simpler import ENSEMBLE_HORIZON, protocol_size
+    from damvla.envs.simpler_suites import NAMED_SUITES, PAPER_TABLE, SUITE_ALIASES
+    from damvla.evaluation.simpler import server_versions, suite_robot
+
+    body = opts.suite.split(":", 1)[1]
+    name = SUITE_ALIASES.get(body, body)
+    robot = suite_robot(tasks)
+    truncated = {}
+    for t in tasks:
+        n, size = sum(s.task == t for s in states), protocol_size(t)
+        if size is not None and n < size:
+            truncated[t] = (n, size)
+    return {
+        "robot": robot,
+        "named_suite": name if name in NAMED_SUITES else None,
+        "paper_table": PAPER_TABLE.get(name),
+        "shader": opts.simpler_shader,
+        "conventions": {
+            "rotation": "euler xyz deltas -> axis-angle (transforms3d euler2axangle)",
+            "gripper": "sticky relative, held 10 steps" if robot == "google_robot" else "+1 open / -1 closed at 0.5",
+            "resize": "area averaging to the env resolution, aspect ratio not kept",
+            "ensemble_horizon_default": ENSEMBLE_HORIZON[robot],
+            "success": "at the last step of the episode (SimplerEnv)",
+        },
+        "truncated": truncated,
+        "checkpoint_checks": notes,
+        "server": server_versions(opts.simpler_python),
+    }
+
+
 def add_milestones(summary: dict[str, Any], episodes: list[dict[str, Any]], tasks: list[str]) -> None:
     """Per task and overall: how many episodes reached each milestone the env reports (``Env.step``), in
     the env's order, with success last. Only where the env reports milestones."""
@@ -830,7 +925,9 @@ class _Recorder:
         self.opts, self.setup, self.out, self.journal = opts, setup, out, journal
         # The expert replay runs to its own end (task time limit), not to --max-steps: the plot shows the
         # demonstration's whole phase sequence next to however far the policy got.
-        self.replay = ExpertReplay() if opts.policy != "expert" and opts.plots != 0 else None
+        self.simpler = opts.suite.startswith("simpler:")  # no scripted expert to replay; SimplerEnv's video rate
+        self.replay = ExpertReplay() if opts.policy != "expert" and opts.plots != 0 and not self.simpler else None
+        self.fps = 5 if self.simpler else VIDEO_FPS
 
     def record(self, spec: Any, k: int, res: Any, log: Any) -> dict[str, Any]:
         """The record of ``spec`` (the ``k``-th episode of its task) from its result ``res`` (None: no
@@ -862,6 +959,8 @@ class _Recorder:
             "router_weight_mean": float(np.nanmean(w)) if n and np.isfinite(w).any() else None,
             "gripper_head_fraction": float(np.mean(np.asarray(log.head[:n]) == 1)) if n else None,
             "milestones": dict(res.info.get("milestones", {})) if res is not None else {},
+            **({"instruction": res.info.get("instruction"), "reset_info": res.info.get("reset_info", {})}
+               if self.simpler and res is not None else {}),  # fmt: skip
             "video": None,
             "plot": None,
         }
@@ -874,7 +973,7 @@ class _Recorder:
                 grip[:m] if n else np.ones(m),
                 label=f"{spec.task} seed {st.seed} {'success' if ep['success'] else 'fail'}",
             )
-            ep["video"] = str(write_mp4(out / "videos" / f"{name}.mp4", frames, VIDEO_FPS).relative_to(out))
+            ep["video"] = str(write_mp4(out / "videos" / f"{name}.mp4", frames, self.fps).relative_to(out))
         if opts.plots < 0 or k < opts.plots:
             if self.replay is not None:
                 expert_grip, _ = self.replay.gripper_commands(st)
@@ -957,6 +1056,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--title", default=None, help="report / section title (default: policy, suite, episodes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--simpler-python",
+        default=None,
+        help="SIMPLER: the Python that has SimplerEnv installed (default: $DAMVLA_SIMPLER_PYTHON; docs/simpler.md)",
+    )
+    p.add_argument(
+        "--simpler-shader",
+        choices=("ibl", "rt", "default"),
+        default=None,
+        help="SIMPLER: replace the protocol's shader (ibl renders on a CPU; results then differ from the paper's)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
@@ -991,6 +1101,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         progress=not args.no_progress,
         resume=args.resume,
         overwrite=args.overwrite,
+        simpler_python=args.simpler_python,
+        simpler_shader=args.simpler_shader,
     ).validate()
 
 

@@ -29,8 +29,8 @@ that does not answer within ``timeout_s`` ends *that* episode with ``EpisodeResu
 is restarted and the run goes on. An exception raised by ``policy_fn`` itself still aborts the run (it
 is a bug in the policy or the caller, and it would hit every episode alike).
 
-Only Meta-World is wired in (``simulator="metaworld_v3"``); another simulator plugs in through
-``make_env`` and ``mapping_from_dict``.
+Meta-World (``simulator="metaworld_v3"``) and SIMPLER (``"simpler"``, ``damvla.envs.simpler``) are wired
+in; another simulator plugs in through ``make_env`` and ``mapping_from_dict``.
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ class RolloutSpec:
     action_mapping: dict[str, Any] | None = None
     record_frames: bool = False
     render: bool = True  # False: no image (policies that do not look: scripted expert, random)
+    # True: the episode counts as solved when it is solved at its last step (SIMPLER), not at any step.
+    success_at_end: bool = False
+    env_options: tuple[tuple[str, Any], ...] = ()  # simulator-specific constructor arguments (SIMPLER)
 
 
 @dataclass
@@ -105,6 +108,10 @@ def make_env(spec: RolloutSpec) -> Env:
         return MetaWorldEnv(
             spec.task, spec.camera or DEFAULT_CAMERA, spec.resolution, spec.max_steps, render=spec.render
         )
+    if sim == "simpler":
+        from damvla.envs.simpler import SimplerEnv
+
+        return SimplerEnv(spec.task, spec.resolution, spec.max_steps, **dict(spec.env_options))
     raise ValueError(f"rollout: no env for simulator {sim!r} (episode {spec.initial_state.key})")
 
 
@@ -137,6 +144,7 @@ class _EnvHost:
                 spec.resolution,
                 spec.max_steps,
                 spec.render,
+                spec.env_options,
             )
             if self.env is None or self.env_key != key:
                 self.close()
@@ -147,14 +155,16 @@ class _EnvHost:
                     spec.initial_state.simulator, spec.action_mapping, spec.task
                 )
             obs = self.env.reset(spec.initial_state)
-            return self._slim(obs), self.env.instruction
+            # What the simulator chose at reset beyond the recorded state (SIMPLER: drawer, overlay, ...).
+            return self._slim(obs), self.env.instruction, dict(getattr(self.env, "last_reset_info", {}) or {})
         if kind == "step":
             assert self.env is not None, "step before reset"
             t0 = time.perf_counter()
             obs, reward, done, info = self.env.step(msg[1])
             dt = time.perf_counter() - t0
             flags = {str(k): bool(v) for k, v in (info.get("milestones") or {}).items()}
-            return self._slim(obs), reward, done, {"success": bool(info["success"]), "step_s": dt, "milestones": flags}
+            reply = {"success": bool(info["success"]), "step_s": dt, "milestones": flags}
+            return self._slim(obs), reward, done, {**reply, "instruction": self.env.instruction}
         raise ValueError(f"rollout worker: unknown request {kind!r}")
 
     def _slim(self, obs: dict[str, Any]) -> dict[str, Any]:
@@ -306,6 +316,7 @@ class _Running:
     env_seconds: float = 0.0
     frames: list[np.ndarray] = field(default_factory=list)
     milestones: dict[str, bool] = field(default_factory=dict)  # each: reached at any step so far
+    reset_info: dict[str, Any] = field(default_factory=dict)
 
 
 def rollout(
@@ -371,11 +382,11 @@ def rollout(
             i = pending.pop()
             slots[s].send(("reset", specs[i]))
             try:
-                obs, instruction = slots[s].recv(f"reset of {specs[i].initial_state.key}")
+                obs, instruction, reset_info = slots[s].recv(f"reset of {specs[i].initial_state.key}")
             except WorkerError as e:
                 fail(s, i, str(e))
                 continue
-            running[s] = _Running(i, specs[i], obs, instruction)
+            running[s] = _Running(i, specs[i], obs, instruction, reset_info=reset_info)
             return
 
     try:
@@ -410,10 +421,11 @@ def rollout(
                     start(s)
                     continue
                 r.obs, r.start = obs, False
+                r.instruction = info.get("instruction") or r.instruction  # long-horizon tasks change it
                 r.steps += 1
                 r.reward += float(reward)
                 r.env_seconds += float(info.get("step_s", 0.0))
-                r.success = r.success or info["success"]
+                r.success = info["success"] if r.spec.success_at_end else (r.success or info["success"])
                 for name, hit in info.get("milestones", {}).items():
                     r.milestones[name] = r.milestones.get(name, False) or hit
                 if done or (r.success and r.spec.stop_on_success):
@@ -426,7 +438,11 @@ def rollout(
                             total_reward=r.reward,
                             frames=np.stack(r.frames) if r.frames else None,
                             env_seconds=r.env_seconds,
-                            info={"milestones": dict(r.milestones)},
+                            info={
+                                "milestones": dict(r.milestones),
+                                "instruction": r.instruction,
+                                **({"reset_info": r.reset_info} if r.reset_info else {}),
+                            },
                         ),
                         r.spec_index,
                     )

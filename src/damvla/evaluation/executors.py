@@ -160,8 +160,11 @@ class CheckpointExecutor(Executor):
         keys: list[str],
         seed: int = 0,
         inference: InferenceConfig | None = None,
+        binarize_gripper: bool = True,
     ) -> None:
-        """``policy``: a ``DAMVLAPolicy`` (eval mode is set here); ``inference`` overrides its config's."""
+        """``policy``: a ``DAMVLAPolicy`` (eval mode is set here); ``inference`` overrides its config's.
+        ``binarize_gripper=False`` passes the ensembles' averaged gripper value on un-thresholded (SIMPLER:
+        CogACT's sticky gripper and WidowX threshold read the averaged value)."""
         from damvla.model.action_queue import ActionQueue
 
         super().__init__(keys, seed)
@@ -172,10 +175,12 @@ class CheckpointExecutor(Executor):
             raise ValueError(
                 f"execute_steps={self.inference.execute_steps} must be in [1, horizon={cfg.horizon}]"
             )
-        self._make_queue = lambda: ActionQueue(self.inference, cfg.horizon, cfg.gripper_index)
+        grip = cfg.gripper_index if binarize_gripper else None
+        self._make_queue = lambda: ActionQueue(self.inference, cfg.horizon, grip)
         self._queues: dict[int, Any] = {}
         self._gens: dict[int, torch.Generator] = {}
         self._last: dict[int, tuple[float, int]] = {}  # slot -> (router weight, head) of its newest chunk
+        self._instruction: dict[int, str] = {}  # slot -> the instruction its queue was filled for
 
     def _act(self, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from damvla.data.dataset import resize_images
@@ -187,6 +192,12 @@ class CheckpointExecutor(Executor):
                 self._queues[slot] = self._make_queue()
                 # CPU generator: the same noise whatever the device, and no device sync per draw.
                 self._gens[slot] = torch.Generator().manual_seed(episode_seed(self.seed, self.keys[int(idx)]))
+        for slot, text in zip(slots, batch["task"]):
+            if self._instruction.get(slot, text) != text:
+                # A new subtask's instruction (SIMPLER's long-horizon tasks): start its chunks afresh, as
+                # CogACT's wrapper does; the noise generator runs on.
+                self._queues[slot] = self._make_queue()
+            self._instruction[slot] = text
         need = [row for row, slot in enumerate(slots) if self._queues[slot].needs_chunk()]
         if "has_image" in batch and not np.all(np.asarray(batch["has_image"])[need]):
             raise ValueError("the checkpoint policy needs rendered images: run every spec with render=True")

@@ -84,6 +84,10 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##", li
         f"{results['timing']['wall_seconds']:.0f} s wall, {results['timing']['env_steps_per_s_wall']:.0f} env steps/s "
         f"overall ({WALL_RATE_NOTE})."
     )
+    if cfg.get("simulator") == "simpler":
+        from damvla.evaluation.simpler import report_notes
+
+        lines += ["", *report_notes(cfg)]
     lines.append("")
     lines.append(
         "| task | success | Wilson 95% CI | mean steps to success | policy ms/step | env steps/s (in env.step) | errors |"
@@ -106,11 +110,18 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##", li
         "Average: unweighted mean of the task success rates; its interval is the Wilson interval of the "
         "pooled counts. Errored episodes count as failures. " + ENV_RATE_NOTE + "."
     )
+    simpler = cfg.get("simulator") == "simpler"
+    if simpler and "milestones" not in ov:
+        lines += ["", "Phase flags: none (SIMPLER reports no per-step progress flags for these tasks)."]
     if "milestones" in ov:
         names = list(ov["milestones"])
-        lines += ["", "Phase flags: episodes in which the simulator's own per-step flag was ever set (Meta-World: "
-                  "*reached* = `near_object`, the hand within 3 cm of the object; *grasped* = `grasp_success`, "
-                  "the object held and lifted, which pushing tasks never need).", ""]  # fmt: skip
+        what = (
+            "SIMPLER: the boolean entries of its `episode_stats`, e.g. grasped, lifted, moved the correct object"
+            if simpler
+            else "Meta-World: *reached* = `near_object`, the hand within 3 cm of the object; *grasped* = "
+            "`grasp_success`, the object held and lifted, which pushing tasks never need"
+        )
+        lines += ["", f"Phase flags: episodes in which the simulator's own per-step flag was ever set ({what}).", ""]
         lines.append("| task | " + " | ".join(names) + " |")
         lines.append("|---|" + "---|" * len(names))
         for task, s in [*results["tasks"].items(), ("**all**", ov)]:
@@ -184,14 +195,23 @@ def render_html(results: dict[str, Any], title: str) -> str:
         + _h(ENV_RATE_NOTE.replace("*", "").replace("`", ""))
         + ".</p>"
     )
+    simpler = cfg.get("simulator") == "simpler"
+    if simpler:
+        from damvla.evaluation.simpler import report_notes
+
+        out += [f'<p class="note">{_h(line.replace("`", ""))}</p>' for line in report_notes(cfg)]
+        if "milestones" not in ov:
+            out.append('<p class="note">Phase flags: none (SIMPLER reports no per-step progress flags for these tasks).</p>')
     if "milestones" in ov:
         names = list(ov["milestones"])
         out.append("<h2>Phase flags</h2>")
         out.append(
-            '<p class="note">Episodes in which the simulator\'s own per-step flag was ever set (Meta-World: '
-            "<i>reached</i> = <code>near_object</code>, the hand within 3 cm of the object; <i>grasped</i> = "
-            "<code>grasp_success</code>, the object held and lifted, which pushing tasks never need).</p>"
-        )
+            '<p class="note">Episodes in which the simulator\'s own per-step flag was ever set ('
+            + ("SIMPLER: the boolean entries of its <code>episode_stats</code>)." if simpler else "Meta-World: "
+               "<i>reached</i> = <code>near_object</code>, the hand within 3 cm of the object; <i>grasped</i> = "
+               "<code>grasp_success</code>, the object held and lifted, which pushing tasks never need).")
+            + "</p>"
+        )  # fmt: skip
         out.append('<table id="phases"><thead><tr><th>task</th>' + "".join(f"<th>{_h(n)}</th>" for n in names)
                    + "</tr></thead><tbody>")  # fmt: skip
         for task, s in [*results["tasks"].items(), ("all", ov)]:
