@@ -24,7 +24,8 @@ def test_data_check_help_describes_the_command_and_every_option(capsys):
         main(["data", "check", "--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "Validate a LeRobot v3.0 dataset folder for training" in out
+    assert "Validate a LeRobot v3.0 dataset (a folder, or a Hugging Face dataset id) for training" in out
+    assert "Hugging Face dataset id namespace/name[@revision]" in out
     for needle in ("--horizon HORIZON action chunk length", "--sigma-lead SIGMA_LEAD width in steps",
                    "--sigma-trail SIGMA_TRAIL width in steps", "the dataset's only camera"):  # fmt: skip
         assert needle in out, needle
