@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -240,3 +240,61 @@ def state_fingerprint(module: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+# ---- streaming safetensors writer ------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def write_safetensors_streaming(
+    path: str | Path,
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write a ``.safetensors`` file one tensor at a time: peak memory is the largest tensor, not the model
+    (safetensors' own ``save_file`` serialises every tensor into memory first).
+
+    ``specs`` fixes the header (name, shape, dtype) up front; ``produce(name)`` is then called once per name,
+    in that order, and must return a tensor of exactly that shape (it is cast to the dtype). ``progress`` is
+    called with the bytes written after each tensor. The file is written under a temporary name and renamed.
+    """
+    import os
+    import struct
+    import uuid
+
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype in specs:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {dtype} cannot be written to safetensors")
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    p = Path(path)
+    tmp = p.with_name(p.name + f".tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, shape, dtype in specs:
+                t = produce(name)
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"{name}: produced shape {tuple(t.shape)}, expected {tuple(shape)}")
+                t = t.detach().to("cpu", dtype).contiguous()
+                if t.numel():
+                    f.write(memoryview(t.view(torch.uint8).numpy()))
+                if progress is not None:
+                    progress(t.numel() * t.element_size())
+                del t
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
