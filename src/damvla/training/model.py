@@ -3,7 +3,10 @@ checkpoint exports (gathered from FSDP shards, EMA weights when EMA is on, LoRA 
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,3 +129,90 @@ def export_policy(policy: DAMVLAPolicy, state: dict[str, torch.Tensor], metadata
     out.load_state_dict(state, strict=True, assign=True)
     out.language.set_tokenizer(policy.language.tokenizer)
     return out
+
+
+# ---- starting from a checkpoint without building the model twice -----------------------------------
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (no memory) while their buffers are real:
+    buffers computed in ``__init__`` (RoPE frequencies, normalisation constants) are not in checkpoints, so
+    they must survive. Each parameter is created, then replaced by its meta twin at once (with ``skip_init``
+    active nothing is initialised), so peak memory is one tensor."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised) storage for meta parameters on ``device``, keeping every buffer's value."""
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for n, b in module.named_buffers():
+            b.copy_(buffers[n])
+
+
+def load_checkpoint_weights(module: nn.Module, path: str | Path) -> None:
+    """Copy a ``model.safetensors`` into ``module`` one tensor at a time. Parameters sharded by FSDP2
+    (DTensors) receive only this rank's shard: every rank reads each full tensor from the file (the OS page
+    cache shares the bytes between ranks) and keeps its slice, so no rank ever holds the whole model."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from damvla.model.weights import _check_keys
+
+    own = module.state_dict()
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        _check_keys(own, shapes, str(path))
+        with torch.no_grad():
+            for k, dst in own.items():
+                src = f.get_tensor(k)
+                if isinstance(dst, DTensor):
+                    src = src.to(device=dst.device, dtype=dst.dtype)
+                    local = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
+                    dst.to_local().copy_(local.to_local())
+                else:
+                    dst.copy_(src)
+                del src
+
+
+def policy_from_checkpoint(
+    path: str | Path,
+    config: Any,
+    normalizer: Any,
+    metadata: dict[str, Any],
+    shard: Callable[[nn.Module], nn.Module] | None,
+    device: torch.device,
+) -> tuple[DAMVLAPolicy, nn.Module | None]:
+    """A policy of ``config`` holding the weights of the checkpoint folder ``path`` (e.g. a converted
+    CogACT), built without a full host copy per rank: parameters on the meta device first, then
+
+    - ``shard`` given (FSDP2): sharded while still on meta, then only this rank's shards are allocated
+      and filled; returns (policy, wrapped model);
+    - otherwise: allocated once on ``device`` and filled tensor by tensor; returns (policy, None).
+
+    Either way the checkpoint file is read one tensor at a time. Freezing is the caller's (before
+    ``shard``: FSDP2 needs requires_grad settled)."""
+    from damvla.model.weights import skip_init
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--init {path}: no model.safetensors (expected a damvla checkpoint folder)")
+    with skip_init(), parameters_on_meta():
+        policy = DAMVLAPolicy(config, normalizer, metadata, load_pretrained=False)
+    model = None
+    if shard is not None:
+        model = shard(policy)
+    materialize(policy, device)
+    load_checkpoint_weights(policy, weights)
+    return policy, model
