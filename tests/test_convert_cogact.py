@@ -20,7 +20,7 @@ from damvla.cli import main
 from damvla.config import PolicyConfig, preset
 from damvla.convert import convert_cogact
 from damvla.model.policy import DAMVLAPolicy
-from damvla.model.weights import write_safetensors_streaming
+from damvla.model.weights import iter_safetensors, write_safetensors_streaming
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -180,6 +180,8 @@ def test_streaming_safetensors_writer_round_trips(tmp_path):
     write_safetensors_streaming(tmp_path / "m.safetensors", specs, lambda k: tensors[k], progress=seen.append)
     back = load_file(str(tmp_path / "m.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in tensors.items()) and sum(seen) == 60 + 56 + 8
+    streamed = dict(iter_safetensors(tmp_path / "m.safetensors", ["e", "a"]))  # the reader --init uses
+    assert list(streamed) == ["e", "a"] and all(torch.equal(streamed[k], tensors[k]) for k in streamed)
     with pytest.raises(ValueError, match="produced shape"):
         write_safetensors_streaming(tmp_path / "n.safetensors", specs, lambda k: torch.zeros(1))
     assert not list(tmp_path.glob("n.safetensors*"))

@@ -298,3 +298,39 @@ def write_safetensors_streaming(
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_FROM_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def iter_safetensors(path: str | Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from a ``.safetensors`` file, one tensor at a time, read with plain file reads into
+    fresh tensors: unlike a memory-mapped read, the file's pages never count in this process's RSS, and
+    only the tensor being handed out is held. ``keys`` picks and orders the tensors (default: file order)."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        start = 8 + n
+        for key in keys if keys is not None else list(header):
+            info = header[key]
+            t = torch.empty(info["shape"], dtype=_FROM_SAFETENSORS[info["dtype"]])
+            lo, hi = info["data_offsets"]
+            if hi > lo:
+                f.seek(start + lo)
+                buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                if f.readinto(buf) != hi - lo:
+                    raise ValueError(f"{path}: tensor {key!r} is truncated")
+            yield key, t
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a ``.safetensors`` file (its header only)."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}

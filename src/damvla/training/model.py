@@ -164,26 +164,24 @@ def materialize(module: nn.Module, device: torch.device) -> None:
 def load_checkpoint_weights(module: nn.Module, path: str | Path) -> None:
     """Copy a ``model.safetensors`` into ``module`` one tensor at a time. Parameters sharded by FSDP2
     (DTensors) receive only this rank's shard: every rank reads each full tensor from the file (the OS page
-    cache shares the bytes between ranks) and keeps its slice, so no rank ever holds the whole model."""
-    from safetensors import safe_open
+    cache shares the bytes between ranks) and keeps its slice, so no rank ever holds the whole model. The
+    file is read, not memory-mapped, so its pages do not count in the ranks' RSS either."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from damvla.model.weights import _check_keys
+    from damvla.model.weights import _check_keys, iter_safetensors, safetensors_shapes
 
     own = module.state_dict()
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        _check_keys(own, shapes, str(path))
-        with torch.no_grad():
-            for k, dst in own.items():
-                src = f.get_tensor(k)
-                if isinstance(dst, DTensor):
-                    src = src.to(device=dst.device, dtype=dst.dtype)
-                    local = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
-                    dst.to_local().copy_(local.to_local())
-                else:
-                    dst.copy_(src)
-                del src
+    _check_keys(own, safetensors_shapes(path), str(path))
+    with torch.no_grad():
+        for k, src in iter_safetensors(path, list(own)):
+            dst = own[k]
+            if isinstance(dst, DTensor):
+                src = src.to(device=dst.device, dtype=dst.dtype)
+                local = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
+                dst.to_local().copy_(local.to_local())
+            else:
+                dst.copy_(src)
+            del src
 
 
 def policy_from_checkpoint(
