@@ -170,6 +170,9 @@ def main() -> int:
         torch.manual_seed(0)
         policy = DAMVLAPolicy(cfg, ActionNormalizer.identity(cfg.action_dim), load_pretrained=False)
         n = sum(p.numel() for p in policy.parameters())
+        with torch.no_grad():
+            policy.language.llm.norm.weight.normal_()  # a weight whose loaded value the workers report
+        want = float(policy.language.llm.norm.weight.detach().double().sum())
         ckpt = policy.save_pretrained(Path(tmp) / "ckpt")
         del policy
         print(f"model: {n / 1e6:.1f}M parameters, {4 * n / 2**20:.0f} MiB fp32; 2 gloo ranks on {os.cpu_count()} cores")
@@ -177,9 +180,14 @@ def main() -> int:
         print("|---|---|---|---|---|---|")
         runs = {(par, mode): launch(args, mode, par, ckpt) for par in args.parallel for mode in args.modes}
         for (par, mode), procs in runs.items():
-            for r in collect(procs, f"{mode}/{par}"):
+            rows = collect(procs, f"{mode}/{par}")
+            for r in rows:
                 print(f"| {par} | {mode} | {r['rank']} | {(r['peak_anon_kib'] - r['floor_anon_kib']) / 1024:.0f} | "
                       f"{r['peak_kib'] / 1024:.0f} | {r['seconds']} |", flush=True)  # fmt: skip
+            # every rank's part of one loaded weight, summed, against the file: the load put the right bytes in
+            got = sum(r["norm_weight_sum"] for r in rows) / (1 if par == "fsdp" else len(rows))
+            if mode != "fresh" and abs(got - want) > 1e-3 * max(1.0, abs(want)):
+                raise SystemExit(f"{mode}/{par}: language.llm.norm.weight sums to {got}, the checkpoint holds {want}")
     return 0
 
 

@@ -303,27 +303,56 @@ def write_safetensors_streaming(
 _FROM_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
 
-def iter_safetensors(path: str | Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from a ``.safetensors`` file, one tensor at a time, read with plain file reads into
-    fresh tensors: unlike a memory-mapped read, the file's pages never count in this process's RSS, and
-    only the tensor being handed out is held. ``keys`` picks and orders the tensors (default: file order)."""
-    import struct
+class SafetensorsReader:
+    """Tensors of a ``.safetensors`` file read with plain file reads into fresh tensors: unlike a memory-
+    mapped read, the file's pages never count in this process's RSS, and only what is asked for is held.
+    ``read(name, rows=(start, count))`` reads a block of leading-dimension rows (one contiguous byte range):
+    a rank that keeps a dim-0 shard never holds the full tensor."""
 
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        start = 8 + n
-        for key in keys if keys is not None else list(header):
-            info = header[key]
-            t = torch.empty(info["shape"], dtype=_FROM_SAFETENSORS[info["dtype"]])
-            lo, hi = info["data_offsets"]
-            if hi > lo:
-                f.seek(start + lo)
-                buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                if f.readinto(buf) != hi - lo:
-                    raise ValueError(f"{path}: tensor {key!r} is truncated")
-            yield key, t
+    def __init__(self, path: str | Path) -> None:
+        import struct
+
+        self.path = Path(path)
+        self._f = open(self.path, "rb")  # noqa: SIM115 (closed by close() / the context manager)
+        (n,) = struct.unpack("<Q", self._f.read(8))
+        self.header: dict[str, dict] = json.loads(self._f.read(n))
+        self.header.pop("__metadata__", None)
+        self._start = 8 + n
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v["shape"]) for k, v in self.header.items()}
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        info = self.header[name]
+        shape, (lo, hi) = list(info["shape"]), info["data_offsets"]
+        t_dtype = _FROM_SAFETENSORS[info["dtype"]]
+        if rows is not None:
+            row_bytes = (hi - lo) // shape[0] if shape and shape[0] else 0
+            lo, hi = lo + rows[0] * row_bytes, lo + (rows[0] + rows[1]) * row_bytes
+            shape[0] = rows[1]
+        t = torch.empty(shape, dtype=t_dtype)
+        if hi > lo:
+            self._f.seek(self._start + lo)
+            if self._f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != hi - lo:
+                raise ValueError(f"{self.path}: tensor {name!r} is truncated")
+        return t
+
+
+def iter_safetensors(path: str | Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from a ``.safetensors`` file, one at a time (:class:`SafetensorsReader`); ``keys`` picks
+    and orders the tensors (default: file order)."""
+    with SafetensorsReader(path) as r:
+        for key in keys if keys is not None else list(r.header):
+            yield key, r.read(key)
 
 
 def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

@@ -163,25 +163,31 @@ def materialize(module: nn.Module, device: torch.device) -> None:
 
 def load_checkpoint_weights(module: nn.Module, path: str | Path) -> None:
     """Copy a ``model.safetensors`` into ``module`` one tensor at a time. Parameters sharded by FSDP2
-    (DTensors) receive only this rank's shard: every rank reads each full tensor from the file (the OS page
-    cache shares the bytes between ranks) and keeps its slice, so no rank ever holds the whole model. The
-    file is read, not memory-mapped, so its pages do not count in the ranks' RSS either."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    (DTensors) receive only this rank's shard: a dim-0 shard is one contiguous byte range of the file, and
+    each rank reads just that (the OS page cache shares the file between ranks), so no rank ever holds a
+    whole tensor it does not keep. The file is read, not memory-mapped, so its pages do not count in the
+    ranks' RSS either."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from damvla.model.weights import _check_keys, iter_safetensors, safetensors_shapes
+    from damvla.model.weights import SafetensorsReader, _check_keys
 
     own = module.state_dict()
-    _check_keys(own, safetensors_shapes(path), str(path))
-    with torch.no_grad():
-        for k, src in iter_safetensors(path, list(own)):
-            dst = own[k]
+    with SafetensorsReader(path) as reader, torch.no_grad():
+        _check_keys(own, reader.shapes(), str(path))
+        for k, dst in own.items():
             if isinstance(dst, DTensor):
-                src = src.to(device=dst.device, dtype=dst.dtype)
-                local = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
-                dst.to_local().copy_(local.to_local())
+                local = dst.to_local()
+                if all(p == Shard(0) or p.is_replicate() for p in dst.placements):
+                    # FSDP2's dim-0 shard is a contiguous block of rows: read only those bytes.
+                    shape, offset = compute_local_shape_and_global_offset(dst.shape, dst.device_mesh, dst.placements)
+                    src = reader.read(k, rows=(offset[0], shape[0])) if dst.ndim else reader.read(k)
+                    local.copy_(src.reshape(local.shape))
+                else:
+                    full = reader.read(k).to(device=dst.device, dtype=dst.dtype)
+                    local.copy_(distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None).to_local())
             else:
-                dst.copy_(src)
-            del src
+                dst.copy_(reader.read(k))
 
 
 def policy_from_checkpoint(
