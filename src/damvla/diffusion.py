@@ -1,12 +1,13 @@
 """Thin layer over diffusers' schedulers (METHOD.md §2): training noise, DDIM sampling, guidance.
 
 Training: DDPM with ``train_steps`` steps and a cosine (``squaredcos_cap_v2``) schedule, ε-prediction.
-Sampling: DDIM with ``inference_steps`` steps, eta 0. A fresh DDIM scheduler is made for every call,
+Sampling: DDIM with ``inference_steps`` steps, eta 0, x0 clipped to [-1, 1] unless ``clip_sample`` is off. A fresh DDIM scheduler is made for every call,
 so changing the step count between calls cannot reuse a stale timestep table (a CogACT bug).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,9 +42,18 @@ class Diffusion:
             num_train_timesteps=cfg.train_steps,
             beta_schedule=cfg.beta_schedule,
             prediction_type=cfg.prediction_type,
-            clip_sample=True,  # actions live in [-1, 1]: clip the x0 estimate there
+            # Actions live in [-1, 1]: clip the x0 estimate there (ours), or not (CogACT).
+            clip_sample=cfg.clip_sample,
         )
         self.train_scheduler = DDPMScheduler(variance_type="fixed_small", **self._kw)
+
+    def ddim_scheduler(self) -> DDIMScheduler:
+        """A fresh DDIM scheduler whose ᾱ table is computed in float64 (diffusers multiplies float32 betas):
+        CogACT's guided-diffusion sampler uses float64 tables, and at the first steps of the cosine
+        schedule x0 = (x - sqrt(1 - ᾱ) ε) / sqrt(ᾱ) amplifies a float32 cumulative-product error ~1e-6."""
+        sched = DDIMScheduler(**self._kw)
+        sched.alphas_cumprod = alphas_cumprod_f64(self.cfg, sched.betas)
+        return sched
 
     def add_noise(
         self,
@@ -70,7 +80,7 @@ class Diffusion:
         """DDIM from ``noise`` (B, H, D) to x0, with classifier-free guidance when cfg_scale != 1:
         ε = ε_uncond + s (ε_cond - ε_uncond), both halves in one batched call."""
         scale = self.cfg.cfg_scale if cfg_scale is None else cfg_scale
-        sched = DDIMScheduler(**self._kw)
+        sched = self.ddim_scheduler()
         sched.set_timesteps(steps or self.cfg.inference_steps, device=noise.device)
         x = noise
         b = x.shape[0]
@@ -87,3 +97,17 @@ class Diffusion:
                 eps = e_u + scale * (e_c - e_u)
             x = sched.step(eps, t, x, eta=0.0).prev_sample
         return x
+
+
+def alphas_cumprod_f64(cfg: DiffusionConfig, betas: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t in float64: the cosine schedule from its closed form (as guided diffusion computes it), any other
+    schedule from diffusers' betas."""
+    if cfg.beta_schedule == "squaredcos_cap_v2":
+        def abar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        n = cfg.train_steps
+        b = torch.tensor([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float64)
+    else:
+        b = betas.double()
+    return torch.cumprod(1.0 - b, dim=0)

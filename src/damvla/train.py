@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import random
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from damvla.config import apply_overrides, preset
+from damvla.config import PolicyConfig, apply_overrides, preset
 from damvla.data.dataset import dataset_content_fingerprint
 from damvla.data.hub import parse_repo_id, resolve_dataset
 from damvla.data.lerobot import DatasetError
@@ -107,11 +108,35 @@ def resolve_run_config(args: argparse.Namespace) -> tuple[RunConfig, Path | None
     train = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig) if f.name in given})
     train.overrides = list(args.overrides)
     train.validate()
-    policy = apply_overrides(preset(train.preset, train.ablation), train.overrides)
+    if train.init:
+        if "preset" in given or "ablation" in given:
+            raise ValueError("--init takes the architecture from the checkpoint: drop --preset / --ablation "
+                             "(policy overrides still apply)")  # fmt: skip
+        policy = apply_overrides(init_config(train), train.overrides)
+    else:
+        policy = apply_overrides(preset(train.preset, train.ablation), train.overrides)
     out = Path(train.out)
     if ckpt_io.list_checkpoints(out / "checkpoints"):
         raise ValueError(f"--out {out} already holds checkpoints: continue it with --resume {out}, or pick a new --out")
     return RunConfig(policy, train), None
+
+
+def init_config(train: TrainConfig) -> PolicyConfig:
+    """The architecture of ``--init CHECKPOINT`` (its config.json); its tokenizer folder when it has one."""
+    from damvla.model.policy import CHECKPOINT_FILES, resolve_checkpoint
+
+    src = resolve_checkpoint(train.init or "")
+    missing = [f for f in CHECKPOINT_FILES if not (src / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--init {train.init}: {src} is not a damvla checkpoint (lacks {missing})")
+    body = json.loads((src / "config.json").read_text())
+    body.pop("type", None)
+    body.pop("damvla_version", None)
+    cfg = PolicyConfig.from_dict(body)
+    if (src / "tokenizer").is_dir():
+        cfg.language.tokenizer = str((src / "tokenizer").resolve())
+    train.init = str(src.resolve())
+    return cfg
 
 
 # ---- RNG state --------------------------------------------------------------------------------
@@ -170,7 +195,10 @@ class Trainer:
             for p in ckpt_io.remove_stale_temp(self.ckpt_root):
                 print(f"note: removed {p}, left by an interrupted checkpoint write", flush=True)
         seed_everything(tc.seed)  # identical initial weights on every rank (FSDP2 does not broadcast them)
-        if resume_from is None:
+        self.model: torch.nn.Module | None = None
+        if resume_from is None and tc.init:
+            policy = self._policy_from_init(cfg, ctx, full)
+        elif resume_from is None:
             policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata)
             if cfg.state_dim:
                 policy.set_state_stats(*state_stats(full))
@@ -178,7 +206,8 @@ class Trainer:
             with skip_init():  # every weight comes from the checkpoint (a referenced frozen encoder: its files)
                 policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata, load_pretrained=False,
                                       load_vision=vision_referenced(cfg))  # fmt: skip
-        apply_freeze(policy, tc.freeze)
+        if self.model is None:
+            apply_freeze(policy, tc.freeze)
         self.lora_scaling = add_lora(policy, tc.lora, tc.lora_alpha) if tc.lora else None
         if resume_from is not None:
             # Live weights: in training_state when they differ from the exported ones (EMA / LoRA).
@@ -207,7 +236,8 @@ class Trainer:
             tc.num_workers = 0 if (self.feature_cache or (os.cpu_count() or 1) <= 4) else 4
         self.policy = policy.to(ctx.device)
         self.report, self.counts = parameter_report(policy)
-        self.model = wrap_model(self.policy, ctx, tc.parallel, self.bf16)
+        if self.model is None:  # (--init with FSDP2 sharded the model while building it)
+            self.model = wrap_model(self.policy, ctx, tc.parallel, self.bf16)
         self.opt = make_optimizer(self.model, tc)
         self.sched = make_scheduler(self.opt, tc)
         self.ema = EMA(unwrap(self.model), tc.ema) if tc.ema else None  # names without DDP's "module."
@@ -263,6 +293,31 @@ class Trainer:
         if ctx.is_main or Path(path).exists() or parsed is None or Path(path).parent.name != "snapshots":
             return path
         return str(resolve_dataset(f"{parsed[0]}@{Path(path).name}", log=None))  # the commit rank 0 read
+
+    def _policy_from_init(self, cfg: PolicyConfig, ctx: DistContext, full: Any) -> torch.nn.Module:
+        """``--init``: the checkpoint's weights, loaded without a full host copy per rank (parameters on
+        the meta device, then allocated where they live: sharded under FSDP2, once per process otherwise)."""
+        from damvla.training.model import policy_from_checkpoint
+
+        tc = self.tc
+        fsdp = tc.parallel == "fsdp" and ctx.distributed
+        if fsdp and tc.lora:
+            raise ValueError("--init with --parallel fsdp and --lora is not supported yet: use --parallel ddp for LoRA")
+        if fsdp and tc.feature_cache != "off" and cfg.vision.frozen:
+            raise ValueError("--init with --parallel fsdp and a frozen, cached vision tower is not supported yet: "
+                             "pass --feature-cache off")  # fmt: skip
+
+        def shard(policy: torch.nn.Module) -> torch.nn.Module:
+            apply_freeze(policy, tc.freeze)  # FSDP2 needs requires_grad settled before sharding
+            return wrap_model(policy, ctx, tc.parallel, self.bf16)
+
+        policy, model = policy_from_checkpoint(tc.init or "", cfg, self.dataset.normalizer, self.dataset.metadata,
+                                               shard if fsdp else None, ctx.device)  # fmt: skip
+        if cfg.state_dim:
+            policy.set_state_stats(*state_stats(full))
+        policy.metadata["init"] = tc.init
+        self.model = model
+        return policy
 
     def _check_dataset(self, resume_from: Path, saved: str | None, allow_change: bool) -> None:
         """Resuming on other data silently makes a different run: refuse unless --allow-dataset-change."""

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler
 
 from damvla.diffusion import Diffusion, EpsFn
 from damvla.model.policy import ARM, GRIPPER, DAMVLAPolicy
@@ -55,15 +54,15 @@ class DDIMTables:
         cls, diffusion: Diffusion, steps: int | None = None, device: torch.device | str = "cpu"
     ) -> DDIMTables:
         """Read the tables from the very scheduler ``Diffusion.sample`` builds, so they cannot drift."""
-        sched = DDIMScheduler(**diffusion._kw)
+        sched = diffusion.ddim_scheduler()
         n = steps or diffusion.cfg.inference_steps
         sched.set_timesteps(n)
         ts = sched.timesteps.long()
-        a = sched.alphas_cumprod  # float32, as diffusers keeps it
+        a = sched.alphas_cumprod  # float64 (Diffusion.ddim_scheduler), indexed as DDIMScheduler.step does
         prev = ts - sched.config.num_train_timesteps // n
         a_t = a[ts]
         a_prev = torch.where(prev >= 0, a[prev.clamp(min=0)], sched.final_alpha_cumprod.to(a.dtype))
-        # Same float32 ops as DDIMScheduler.step (x ** 0.5, 1 - a), so the tables match it bit for bit.
+        # Same ops as DDIMScheduler.step (x ** 0.5, 1 - a), so the tables match it bit for bit.
         clip = float(sched.config.clip_sample_range) if sched.config.clip_sample else None
         if sched.config.thresholding:
             raise ValueError("DDIMTables: dynamic thresholding is not supported (diffusion uses clip_sample)")

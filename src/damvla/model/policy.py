@@ -269,7 +269,8 @@ class DAMVLAPolicy(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Un-normalised action chunks (B, H, D). ``noise`` (B, H, D) fixes the initial DDIM noise.
-        With ``return_info``: also {"router_weight": (B,), "head": (B,) 0 arm / 1 gripper}."""
+        With ``return_info``: also {"router_weight": (B,), "head": (B,) 0 arm / 1 gripper, "normalized": the
+        sampled chunks (B, H, D) in model space, before clipping and un-normalising}."""
         cfg = self.config
         if self.normalizer is None:
             raise ValueError(
@@ -322,7 +323,7 @@ class DAMVLAPolicy(nn.Module):
                 x0 = self.diffusion.sample(blended, noise)
         actions = self.to_robot_actions(x0)
         if return_info:
-            return actions, {"router_weight": w, "head": chosen}
+            return actions, {"router_weight": w, "head": chosen, "normalized": x0}
         return actions
 
     def to_robot_actions(self, x0: torch.Tensor) -> torch.Tensor:
@@ -366,8 +367,6 @@ class DAMVLAPolicy(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         if self.normalizer is None:
             raise ValueError("cannot save a policy without normalisation stats (normalizer=None)")
-        body = {"type": "damvla", "damvla_version": __version__, **self.config.to_dict()}
-        (out / "config.json").write_text(json.dumps(body, indent=2))
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         metadata = dict(self.metadata)
         metadata.pop(VISION_REFERENCE, None)
@@ -378,11 +377,7 @@ class DAMVLAPolicy(nn.Module):
                 "vision.* weights are not in model.safetensors: they are read from the config's "
                 "vision.*.pretrained_path and must match this fingerprint")}  # fmt: skip
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        self.normalizer.save(out / "normalization.json")
-        (out / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
-        tok = self.language._tokenizer
-        if isinstance(tok, HFTokenizer):
-            tok.save_pretrained(out / "tokenizer")
+        write_policy_files(out, self.config, self.normalizer, metadata, self.language._tokenizer)
         return out
 
     def vision_is_referenced(self) -> bool:
@@ -425,6 +420,18 @@ class DAMVLAPolicy(nn.Module):
             policy.language.set_tokenizer(ByteTokenizer())
         load_safetensors_into(policy, src / "model.safetensors", missing_ok=("vision.",) if ref is not None else ())
         return policy.to(device)
+
+
+def write_policy_files(out: Path, config: PolicyConfig, normalizer: ActionNormalizer, metadata: dict[str, Any],
+                       tokenizer: object | None = None) -> None:  # fmt: skip
+    """Everything of a checkpoint folder but ``model.safetensors``: config.json (the architecture),
+    normalization.json, metadata.json and, for a transformers tokenizer, ``tokenizer/``."""
+    body = {"type": "damvla", "damvla_version": __version__, **config.to_dict()}
+    (out / "config.json").write_text(json.dumps(body, indent=2))
+    normalizer.save(out / "normalization.json")
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2, default=str))
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save_pretrained(out / "tokenizer")
 
 
 def vision_referenced(config: PolicyConfig) -> bool:

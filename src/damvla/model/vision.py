@@ -61,6 +61,7 @@ def dinov2_config(e: EncoderConfig, image_size: int) -> Dinov2Config | Dinov2Wit
         patch_size=e.patch_size,
         image_size=e.native_image_size or image_size,
         layerscale_value=e.layerscale_value,
+        hidden_act=e.hidden_act,
     )
     if e.num_register_tokens:
         return Dinov2WithRegistersConfig(num_register_tokens=e.num_register_tokens, **kw)
@@ -76,6 +77,7 @@ def siglip_config(e: EncoderConfig, image_size: int) -> SiglipVisionConfig:
         patch_size=e.patch_size,
         image_size=e.native_image_size or image_size,
         vision_use_head=False,
+        hidden_act=e.hidden_act,  # "gelu": exact, as timm's SigLIP (transformers defaults to the tanh form)
     )
 
 

@@ -23,7 +23,7 @@ FLAGS = {
     "parallel": "parallel", "precision": "precision", "log_every": "log_every", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "dataset": "dataset", "out": "out", "preset": "preset", "ablation": "ablation",
     "aug_shift": "aug_shift", "aug_color": "aug_color", "threads": "threads", "feature_cache": "feature_cache",
-    "val_episodes": "val_episodes", "val_every": "val_every",
+    "val_episodes": "val_episodes", "val_every": "val_every", "init": "init",
 }  # fmt: skip
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-dataset-change", action="store_true",
                    help="with --resume: continue the run on a dataset whose contents differ from the run's")  # fmt: skip
     p.add_argument("--ablation", choices=sorted(ABLATIONS), default=None, help="a named row of the paper's Table VI")
+    p.add_argument("--init", default=None, metavar="CHECKPOINT",
+                   help="start from this damvla checkpoint's architecture and weights (e.g. `damvla convert cogact` "
+                        "output) instead of --preset; each process holds only its share when --parallel fsdp")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None, help=f"per device and micro-step (default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, default=None, help=f"micro-steps per optimiser step (default {d.grad_accum})")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")

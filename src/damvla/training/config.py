@@ -25,6 +25,9 @@ class TrainConfig:
     preset: str = "tiny"
     ablation: str | None = None
     overrides: list[str] = field(default_factory=list)  # dotted PolicyConfig overrides, kept for the record
+    # A damvla checkpoint folder whose architecture and weights start the run (e.g. `damvla convert cogact`
+    # output); preset and ablation then come from it. The dataset's normalisation stats replace its own.
+    init: str | None = None
     steps: int = 1000  # total optimiser steps of the run (a resumed run stops here too)
     batch_size: int = 8  # per device and micro-step
     grad_accum: int = 1

@@ -3,7 +3,10 @@ checkpoint exports (gathered from FSDP shards, EMA weights when EMA is on, LoRA 
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,3 +129,94 @@ def export_policy(policy: DAMVLAPolicy, state: dict[str, torch.Tensor], metadata
     out.load_state_dict(state, strict=True, assign=True)
     out.language.set_tokenizer(policy.language.tokenizer)
     return out
+
+
+# ---- starting from a checkpoint without building the model twice -----------------------------------
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (no memory) while their buffers are real:
+    buffers computed in ``__init__`` (RoPE frequencies, normalisation constants) are not in checkpoints, so
+    they must survive. Each parameter is created, then replaced by its meta twin at once (with ``skip_init``
+    active nothing is initialised), so peak memory is one tensor."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised) storage for meta parameters on ``device``, keeping every buffer's value."""
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for n, b in module.named_buffers():
+            b.copy_(buffers[n])
+
+
+def load_checkpoint_weights(module: nn.Module, path: str | Path) -> None:
+    """Copy a ``model.safetensors`` into ``module`` one tensor at a time. Parameters sharded by FSDP2
+    (DTensors) receive only this rank's shard: a dim-0 shard is one contiguous byte range of the file, and
+    each rank reads just that (the OS page cache shares the file between ranks), so no rank ever holds a
+    whole tensor it does not keep. The file is read, not memory-mapped, so its pages do not count in the
+    ranks' RSS either."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from damvla.model.weights import SafetensorsReader, _check_keys
+
+    own = module.state_dict()
+    with SafetensorsReader(path) as reader, torch.no_grad():
+        _check_keys(own, reader.shapes(), str(path))
+        for k, dst in own.items():
+            if isinstance(dst, DTensor):
+                local = dst.to_local()
+                if all(p == Shard(0) or p.is_replicate() for p in dst.placements):
+                    # FSDP2's dim-0 shard is a contiguous block of rows: read only those bytes.
+                    shape, offset = compute_local_shape_and_global_offset(dst.shape, dst.device_mesh, dst.placements)
+                    src = reader.read(k, rows=(offset[0], shape[0])) if dst.ndim else reader.read(k)
+                    local.copy_(src.reshape(local.shape))
+                else:
+                    full = reader.read(k).to(device=dst.device, dtype=dst.dtype)
+                    local.copy_(distribute_tensor(full, dst.device_mesh, dst.placements, src_data_rank=None).to_local())
+            else:
+                dst.copy_(reader.read(k))
+
+
+def policy_from_checkpoint(
+    path: str | Path,
+    config: Any,
+    normalizer: Any,
+    metadata: dict[str, Any],
+    shard: Callable[[nn.Module], nn.Module] | None,
+    device: torch.device,
+) -> tuple[DAMVLAPolicy, nn.Module | None]:
+    """A policy of ``config`` holding the weights of the checkpoint folder ``path`` (e.g. a converted
+    CogACT), built without a full host copy per rank: parameters on the meta device first, then
+
+    - ``shard`` given (FSDP2): sharded while still on meta, then only this rank's shards are allocated
+      and filled; returns (policy, wrapped model);
+    - otherwise: allocated once on ``device`` and filled tensor by tensor; returns (policy, None).
+
+    Either way the checkpoint file is read one tensor at a time. Freezing is the caller's (before
+    ``shard``: FSDP2 needs requires_grad settled)."""
+    from damvla.model.weights import skip_init
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--init {path}: no model.safetensors (expected a damvla checkpoint folder)")
+    with skip_init(), parameters_on_meta():
+        policy = DAMVLAPolicy(config, normalizer, metadata, load_pretrained=False)
+    model = None
+    if shard is not None:
+        model = shard(policy)
+    materialize(policy, device)
+    load_checkpoint_weights(policy, weights)
+    return policy, model
