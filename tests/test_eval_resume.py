@@ -163,8 +163,11 @@ def test_ctrl_c_on_the_process_group_writes_a_partial_result_without_a_traceback
             "--episodes", "40", "--max-steps", "200", "--workers", "1", "--videos", "0", "--plots", "0",
             "--out", str(out), "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl"}
+    # A shell runs background jobs (nohup, `&` in a script, some CI runners) with SIGINT ignored, and Python
+    # then never installs its KeyboardInterrupt handler: give the child the default, as a terminal would.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     journal = out / "episodes.jsonl"
     try:
         while proc.poll() is None and not (journal.is_file() and journal.read_text().count("\n") >= 2):
