@@ -183,14 +183,18 @@ def google_vm_move_near() -> list[Episode]:
     return out
 
 
+# Visual-matching drawer scenes: the cabinet re-coloured three ways, and the plain one (None).
+DRAWER_VM_URDFS = [
+    "recolor_cabinet_visual_matching_1",
+    "recolor_tabletop_visual_matching_1",
+    "recolor_tabletop_visual_matching_2",
+    None,
+]
+
+
 def google_vm_drawer() -> list[Episode]:
     out = []
-    for urdf in [
-        "recolor_cabinet_visual_matching_1",
-        "recolor_tabletop_visual_matching_1",
-        "recolor_tabletop_visual_matching_2",
-        None,
-    ]:
+    for urdf in DRAWER_VM_URDFS:
         for env_name in DRAWER_ENVS:
             for overlay, x, y, yaw in DRAWER_VM_POSES:
                 kw = {**GOOGLE, "max_episode_steps": 113, "scene_name": "dummy_drawer", "shader_dir": "rt",
@@ -201,12 +205,7 @@ def google_vm_drawer() -> list[Episode]:
 
 def google_vm_put_in_drawer() -> list[Episode]:
     out = []
-    for urdf in [
-        "recolor_cabinet_visual_matching_1",
-        "recolor_tabletop_visual_matching_1",
-        "recolor_tabletop_visual_matching_2",
-        None,
-    ]:
+    for urdf in DRAWER_VM_URDFS:
         for overlay, x, y, yaw in [DRAWER_VM_POSES[0], DRAWER_VM_POSES[3], DRAWER_VM_POSES[6]]:
             kw = {**GOOGLE, "max_episode_steps": 200, "scene_name": "dummy_drawer", "shader_dir": "rt",
                   **DRAWER_VM_KWARGS, **_urdf(urdf), "model_ids": "baked_apple_v2",
