@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -72,3 +73,40 @@ def test_compare_refuses_an_interrupted_evaluation(tmp_path, capsys):
     (tmp_path / "a" / "results.json").write_text(json.dumps({**res, "complete": False, "episodes_planned": 8}))
     assert main(["compare", "--run", f"a={tmp_path / 'a'}", "--title", "t", "--figures", str(tmp_path)]) == 1
     assert "interrupted evaluation" in capsys.readouterr().err
+
+
+def _fake_train(d, seed):
+    ckpt = d / "checkpoints" / "step-0000010"
+    ckpt.mkdir(parents=True)
+    (d / "checkpoints" / "latest").write_text("step-0000010")
+    train = {"preset": "cpu", "dataset": "/data/grip3", "out": str(d), "steps": 10, "batch_size": 4, "lr": 3e-4,
+             "warmup": 0, "schedule": "cosine", "seed": seed, "ablation": "damvla", "overrides": ["state_dim=4"]}
+    (ckpt / "train_config.json").write_text(json.dumps({"train": train}))
+    (ckpt / "metadata.json").write_text(json.dumps({"step": 10}))
+    (ckpt / "model.safetensors").write_bytes(b"weights are not part of a record")
+    rows = [{"step": s, "loss": 1.0 / s, "loss_arm": 0.5 / s, "loss_gripper": 0.5 / s, "router_acc": 0.9} for s in (5, 10)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_kept_records_stand_in_for_the_run_folders_and_give_the_same_section(tmp_path):
+    _fake_eval(tmp_path / "e0", "e0", {"push-v3": 3}, reached={"push-v3": 4})
+    _fake_eval(tmp_path / "e1", "e1", {"push-v3": 1}, reached={"push-v3": 2})
+    (tmp_path / "e0" / "episodes.jsonl").write_text(json.dumps({"log": {"router_weight": [0.9, 0.1]}, "router_label": [1, 1]}) + "\n")
+    _fake_train(tmp_path / "t0", 0)
+    records = tmp_path / "records"
+
+    def compare(runs, page):
+        args = ["compare", *[x for r in runs for x in ("--run", r)], "--baseline", "cog", "--title", "t",
+                "--append-results", str(page), "--figures", str(tmp_path / "fig")]  # fmt: skip
+        assert main(args + ["--keep-records", str(records)]) == 0
+        return page.read_text()
+
+    direct = compare([f"dam/s0={tmp_path / 'e0'}:{tmp_path / 't0'}", f"cog/s0={tmp_path / 'e1'}"], tmp_path / "a.md")
+    assert sorted(p.name for p in records.iterdir()) == ["cog_s0", "dam_s0"]
+    assert not list(records.rglob("model.safetensors"))  # no weights in a record
+    assert "50.0%" in direct and "--seed 0" in direct  # router agreement from the episodes; the train command
+    # The run folders can go: the records alone rebuild the same section.
+    for d in ("e0", "e1", "t0"):
+        shutil.rmtree(tmp_path / d)
+    again = compare([f"dam/s0={records / 'dam_s0'}", f"cog/s0={records / 'cog_s0'}"], tmp_path / "b.md")
+    assert again == direct

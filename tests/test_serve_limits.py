@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 
 from damvla.config import preset
 from damvla.serving.protocol import ProtocolError, packb, unpackb
-from damvla.serving.server import PolicyServer, RequestError, ServerThread
+from damvla.serving.server import ByteBudget, PolicyServer, RequestError, ServerThread
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
 
@@ -313,3 +313,45 @@ def test_loopback_a_key_or_an_explicit_allow_no_key_may_start(argv, monkeypatch)
     stop_at_model_load(monkeypatch)
     with pytest.raises(Reached):
         main(["serve", "preset:tiny", "--port", "0", *argv])
+
+
+# ---- byte rate per address (the soak's floods of large frames) ----------------------------------------
+def test_the_byte_budget_refills_at_its_rate_and_caps_at_its_burst():
+    now = [0.0]
+    budget = ByteBudget(rate=100, burst=150, clock=lambda: now[0])
+    assert budget.charge("a", 100) == 0  # within the burst
+    assert budget.charge("a", 100) == pytest.approx(0.5)  # 50 bytes of debt at 100 B/s
+    assert budget.charge("b", 150) == 0  # addresses have budgets of their own
+    now[0] = 10.0  # long after: refilled, but never above the burst
+    assert budget.charge("a", 150) == 0 and budget.charge("a", 1) == pytest.approx(0.01)
+    budget.forget_settled()
+    assert len(budget) == 1  # 'b' refilled long ago and is forgotten; 'a' is in debt, so it stays
+    now[0] = 100.0
+    budget.forget_settled()
+    assert len(budget) == 0
+
+
+def test_a_flooding_address_is_made_to_wait_while_other_addresses_are_not():
+    server = PolicyServer(DoublePolicy(), port=0, max_message_bytes=2 << 20, max_bytes_per_second=1 << 20)
+    server.byte_budget.clock = lambda: 0.0  # no refill: the waits are exact
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    server._sleep = record
+    big = packb({**obs(), "pad": bytes(1 << 20)})  # just over 1 MiB; the burst is 3 MiB (one max frame + 1 s)
+    with ServerThread(server) as srv:
+        other = ws_connect(srv.port, source="127.0.0.2")
+        ws = ws_connect(srv.port)
+        for _ in range(4):
+            ws.send(big)
+            assert isinstance(ws.recv(timeout=10), bytes)  # served (extra keys are ignored), after the wait
+        burst = server.max_message_bytes + (1 << 20)
+        expected = [(k * len(big) - burst) / (1 << 20) for k in (3, 4)]  # the 1st and 2nd fit in the burst
+        assert waits == pytest.approx(expected)
+        other.send(packb(obs()))
+        assert isinstance(other.recv(timeout=10), bytes)
+        assert len(waits) == 2  # the other address was not charged for the flood
+        ws.close()
+        other.close()

@@ -3,16 +3,24 @@ baseline), with the difference to a baseline and its 95% interval, the training 
 accuracy. Written into a results page section by the command, never by hand.
 
     damvla compare --run damvla=eval/dam:runs/dam --run cogact=eval/cog:runs/cog --baseline cogact \\
-        --title "..." --append-results docs/results.md --figures docs/figures
+        --title "..." --append-results docs/results.md --figures docs/figures [--keep-records docs/records/grip3]
+
+Run folders and evaluation folders are large and live outside the repository, but a multi-seed table is
+built over several sessions. ``--keep-records DIR`` copies what this command reads of each run (the
+evaluation's results, episodes and initial states; the training metrics and the evaluated checkpoint's
+configs, no weights) into ``DIR/<row>_<seed>/``, a few hundred kB to commit; ``--run NAME=DIR/<row>_<seed>``
+reads such a record back in place of the two folders.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import re
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +40,19 @@ class Run:
     episodes: list[dict[str, Any]]
 
 
+RECORD_FILE = "record.json"
+EPISODES_GZ = "episodes.jsonl.gz"
+
+
 def parse_run(spec: str) -> Run:
-    """``NAME=EVAL_DIR[:TRAIN_DIR]``."""
+    """``NAME=EVAL_DIR[:TRAIN_DIR]``, or ``NAME=RECORD_DIR`` (a folder written by ``--keep-records``)."""
     if "=" not in spec:
         raise ValueError(f"--run {spec!r}: expected NAME=EVAL_DIR[:TRAIN_DIR]")
     name, rest = spec.split("=", 1)
     eval_s, _, train_s = rest.partition(":")
     eval_dir = Path(eval_s)
+    if not train_s and (eval_dir / RECORD_FILE).is_file():
+        eval_dir, train_s = eval_dir / "eval", str(eval_dir / "train") if (eval_dir / "train").is_dir() else ""
     res = eval_dir / "results.json"
     if not res.is_file():
         raise FileNotFoundError(f"--run {name}: {res} does not exist (run `damvla eval` first)")
@@ -49,8 +63,9 @@ def parse_run(spec: str) -> Run:
             f"--run {name}: {res} is an interrupted evaluation ({done} of {planned} episodes); finish it with "
             "`damvla eval ... --resume` before comparing"
         )
-    eps_file = eval_dir / "episodes.jsonl"
-    episodes = [json.loads(x) for x in eps_file.read_text().splitlines() if x.strip()] if eps_file.is_file() else []
+    eps_file, eps_gz = eval_dir / "episodes.jsonl", eval_dir / EPISODES_GZ
+    text = eps_file.read_text() if eps_file.is_file() else gzip.decompress(eps_gz.read_bytes()).decode() if eps_gz.is_file() else ""
+    episodes = [json.loads(x) for x in text.splitlines() if x.strip()]
     train_dir = Path(train_s) if train_s else None
     metrics: list[dict[str, Any]] = []
     if train_dir is not None:
@@ -67,6 +82,48 @@ def parse_run(spec: str) -> Run:
         if m:
             metrics = [row for row in metrics if row["step"] <= int(m.group(1))]
     return Run(name, eval_dir, train_dir, results, metrics, episodes)
+
+
+def _evaluated_checkpoint(run: Run) -> Path | None:
+    """The training run's checkpoint folder the evaluation used (else its latest)."""
+    if run.train_dir is None:
+        return None
+    root = run.train_dir / "checkpoints"
+    m = re.search(r"(step-\d+)", str((run.results.get("config") or {}).get("checkpoint", "")))
+    if m and (root / m.group(1)).is_dir():
+        return root / m.group(1)
+    latest = root / "latest"
+    return root / latest.read_text().strip() if latest.is_file() else None
+
+
+def keep_record(run: Run, root: Path) -> Path:
+    """Copy the small files ``parse_run`` reads of ``run`` into ``root/<row>_<seed>/`` (replacing it)."""
+    dest = root / run.name.replace("/", "_")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "eval").mkdir(parents=True)
+    shutil.copy2(run.eval_dir / "results.json", tmp / "eval" / "results.json")
+    if (run.eval_dir / "initial_states.jsonl").is_file():
+        shutil.copy2(run.eval_dir / "initial_states.jsonl", tmp / "eval" / "initial_states.jsonl")
+    if run.episodes:  # per-step logs: the bulk of a record, so compressed (mtime 0: same bytes every time)
+        text = "".join(json.dumps(ep) + "\n" for ep in run.episodes).encode()
+        (tmp / "eval" / EPISODES_GZ).write_bytes(gzip.compress(text, mtime=0))
+    ckpt = _evaluated_checkpoint(run)
+    if run.train_dir is not None:
+        (tmp / "train").mkdir()
+        shutil.copy2(run.train_dir / "metrics.jsonl", tmp / "train" / "metrics.jsonl")
+        if ckpt is not None:
+            (tmp / "train" / "checkpoints" / ckpt.name).mkdir(parents=True)
+            (tmp / "train" / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+            for f in ("train_config.json", "metadata.json", "config.json", "normalization.json"):
+                if (ckpt / f).is_file():
+                    shutil.copy2(ckpt / f, tmp / "train" / "checkpoints" / ckpt.name / f)
+    info = {"name": run.name, "eval_dir": str(run.eval_dir), "train_dir": None if run.train_dir is None else str(run.train_dir),
+            "checkpoint": None if ckpt is None else ckpt.name}  # fmt: skip
+    (tmp / RECORD_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
 
 
 def difference_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
@@ -300,6 +357,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", required=True, help="section title in the results page")
     p.add_argument("--append-results", type=Path, default=None, help="results page to write the section into")
     p.add_argument("--figures", type=Path, default=Path("docs/figures"), help="folder for the training-curve PNG")
+    p.add_argument("--keep-records", type=Path, default=None, metavar="DIR",
+                   help="copy each run's results, episodes, metrics and configs (no weights) into DIR/<row>_<seed>/, "
+                        "which --run NAME=DIR/<row>_<seed> reads back: commit them to add seeds in a later session")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -307,6 +367,11 @@ def run(args: argparse.Namespace) -> int:
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"--run names must be unique, got {names}")
+    if args.keep_records is not None:
+        for r in runs:
+            if r.eval_dir.parent.parent.resolve() == args.keep_records.resolve():
+                continue  # already a record there
+            print(f"kept record of {r.name} in {keep_record(r, args.keep_records)}")
     figure = plot_training(runs, args.figures / f"{section_id(args.title)}.png")
     page_dir = args.append_results.parent if args.append_results else Path.cwd()
     md = render(runs, args.baseline, args.title, figure, page_dir)

@@ -99,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections-per-address", type=int, default=8,
                         help="of those, from one client address; behind a reverse proxy every client has the "
                         "proxy's address (default 8)")  # fmt: skip
+    parser.add_argument("--max-mb-per-second", type=float, default=32.0, metavar="MIB",
+                        help="average request MiB/s one client address may send (bursts of one largest frame "
+                        "pass at once); beyond it the server stops reading from that address for a while, so "
+                        "TCP back-pressure slows the sender; 0: no limit (default 32)")  # fmt: skip
     parser.add_argument("--first-request-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="close a connection that sends no request this long after connecting; 0: never "
                         "(default 30)")  # fmt: skip
@@ -149,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_connections", "max_connections_per_address"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be at least 1")
-    for flag in ("first_request_timeout", "idle_timeout"):
+    for flag in ("first_request_timeout", "idle_timeout", "max_mb_per_second"):
         if getattr(args, flag) < 0:
-            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 0 (0: no timeout)")
+            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 0 (0: no limit)")
     check_open_bind(args.host, args.api_key, args.allow_no_key)
     check_bindable(args.host, args.port)  # seconds before the model has loaded, not after
     policy = _load_policy(args.checkpoint, args.device)
@@ -168,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         max_connections_per_address=args.max_connections_per_address,
         first_request_timeout_s=args.first_request_timeout,
         idle_timeout_s=args.idle_timeout,
+        max_bytes_per_second=args.max_mb_per_second * 2**20,
     )
     if not server.api_key and not is_loopback(args.host):
         log.warning("listening on %s without an API key (--allow-no-key): anyone who can reach this port can "

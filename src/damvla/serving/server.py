@@ -16,7 +16,9 @@ checked before it is decoded (``protocol.DecodeLimits``); at most ``max_connecti
 ``max_connections_per_address`` from one address, counted from the HTTP upgrade request on; a connection
 that sends no request within ``first_request_timeout_s``, or none for ``idle_timeout_s`` after its last
 reply, is closed (code 1008); one frame at most waits behind the one being served, so a connection holds
-about two frames of memory; prompts and states are checked against what the checkpoint can take.
+about two frames of memory; each address may send ``max_bytes_per_second`` on average (``ByteBudget``):
+beyond it the server stops reading that client's socket for a while, so TCP back-pressure, not the server's
+CPU, absorbs a flood of large frames; prompts and states are checked against what the checkpoint can take.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 8
 DEFAULT_FIRST_REQUEST_TIMEOUT_S = 30.0
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+# Per client address, averaged: a robot sending three 640x480 RGB cameras raw (2.8 MB) at 10 Hz fits, a
+# sender of back-to-back 32 MiB frames (400+ MB/s on loopback) is slowed about 15-fold.
+DEFAULT_MAX_BYTES_PER_SECOND = 32 * 2**20
 MAX_ERROR_CHARS = 20_000
 # websockets' receive queue as (high, low) water marks: reading from the socket pauses as soon as one
 # frame waits behind the one being served (high 0: "more than 0 queued") and resumes when it is taken.
@@ -174,6 +179,40 @@ class PromptLimit:
             )
 
 
+class ByteBudget:
+    """A token bucket of received bytes per client address.
+
+    Each address may send ``rate`` bytes per second on average and ``burst`` at once; ``charge`` returns how
+    long to stop reading from it so that its average comes back within the rate. Shared by the connections
+    of one address, and kept while it is in debt after they close, so reconnecting does not refill it."""
+
+    def __init__(self, rate: float, burst: float, clock: Any = time.monotonic) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError(f"ByteBudget: rate={rate} and burst={burst} must be positive")
+        self.rate, self.burst, self.clock = float(rate), float(burst), clock
+        self._state: dict[str, tuple[float, float]] = {}  # address -> (tokens, time of that count)
+
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, then = self._state.get(address, (self.burst, now))
+        return min(self.burst, tokens + (now - then) * self.rate)
+
+    def charge(self, address: str, nbytes: int) -> float:
+        """Take ``nbytes`` from ``address``'s budget; the seconds it must wait before the next read."""
+        now = self.clock()
+        tokens = self._tokens(address, now) - nbytes
+        self._state[address] = (tokens, now)
+        return max(0.0, -tokens / self.rate)
+
+    def forget_settled(self) -> None:
+        """Drop the addresses whose budget is full again (bounds the table under many addresses)."""
+        now = self.clock()
+        for address in [a for a in self._state if self._tokens(a, now) >= self.burst]:
+            del self._state[address]
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
 class PolicyServer:
     """Serve ``policy`` over openpi's websocket protocol.
 
@@ -188,6 +227,8 @@ class PolicyServer:
         max_connections_per_address: of those, from one client address (the TCP peer).
         first_request_timeout_s, idle_timeout_s: close a connection (code 1008) that sends no request this
             long after connecting, or after its last reply; ``None`` or 0 disables either.
+        max_bytes_per_second: average request bytes one address may send (burst: one largest frame plus a
+            second's worth); beyond it the server pauses reading from that address. ``None`` or 0: no limit.
     """
 
     def __init__(
@@ -204,6 +245,7 @@ class PolicyServer:
         max_connections_per_address: int = DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
         first_request_timeout_s: float | None = DEFAULT_FIRST_REQUEST_TIMEOUT_S,
         idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
+        max_bytes_per_second: float | None = DEFAULT_MAX_BYTES_PER_SECOND,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections={max_connections} must be >= 1")
@@ -212,6 +254,8 @@ class PolicyServer:
         for name, value in (("first_request_timeout_s", first_request_timeout_s), ("idle_timeout_s", idle_timeout_s)):
             if value is not None and value < 0:
                 raise ValueError(f"{name}={value} must be >= 0 (0 or None: no timeout)")
+        if max_bytes_per_second is not None and max_bytes_per_second < 0:
+            raise ValueError(f"max_bytes_per_second={max_bytes_per_second} must be >= 0 (0 or None: no limit)")
         if max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={max_message_bytes} is too small for any observation")
         self.policy = policy
@@ -233,6 +277,10 @@ class PolicyServer:
         self._connections = 0
         self._per_address: dict[str, int] = {}
         self._releases: set[asyncio.Task] = set()
+        self.byte_budget = (
+            ByteBudget(max_bytes_per_second, max_message_bytes + max_bytes_per_second) if max_bytes_per_second else None
+        )
+        self._sleep = asyncio.sleep  # the throttle's wait (tests record it instead of waiting)
         camera = self.config.vision.camera
         self.obs_map = (obs_map or ObservationMap.default(camera)).validate(camera)
         self.image_size = self.config.vision.image_size
@@ -407,6 +455,8 @@ class PolicyServer:
                 self._per_address[address] = left
             else:
                 self._per_address.pop(address, None)
+                if self.byte_budget is not None:
+                    self.byte_budget.forget_settled()
 
     async def _send_error(self, ws: ServerConnection, text: str) -> None:
         if len(text) > MAX_ERROR_CHARS:
@@ -434,15 +484,27 @@ class PolicyServer:
             await ws.close(CloseCode.POLICY_VIOLATION, reason)
             return None
 
+    async def _throttle(self, address: str, message: str | bytes) -> None:
+        """Wait out ``address``'s byte budget. Nothing more is read from the connection meanwhile (at most
+        the one frame the receive queue holds), so the sender meets TCP back-pressure."""
+        if self.byte_budget is None:
+            return
+        wait = self.byte_budget.charge(address, len(message))
+        if wait > 0:
+            log.debug("throttling %s for %.2f s (--max-mb-per-second)", address, wait)
+            await self._sleep(wait)
+
     async def _serve_connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         log.info("client connected: %s", ws.remote_address)
+        address = str((ws.remote_address or ("?",))[0])
         prev_total_ms: float | None = None
         first = True
         try:
             await ws.send(packb(self.metadata))
             while (message := await self._next_message(ws, first)) is not None:
                 first = False
+                await self._throttle(address, message)
                 t0 = time.perf_counter()
                 if isinstance(message, str):
                     await self._send_error(
