@@ -185,6 +185,9 @@ def test_serve_has_timeouts_and_a_per_address_limit_by_default():
     args = p.parse_args(["ckpt"])
     assert args.first_request_timeout == 30 and args.idle_timeout == 300
     assert args.max_connections == 16 and args.max_connections_per_address == 8
+    assert args.max_mb_per_second == 32
+    with pytest.raises(ValueError, match="max-mb-per-second"):
+        serve.run(p.parse_args(["ckpt", "--max-mb-per-second", "-1"]))
     with pytest.raises(ValueError, match="max_connections_per_address"):
         PolicyServer(DoublePolicy(), max_connections_per_address=0)
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One training seed of one row of the grip3 table (docs/results.md, issue #11), then the table again.
+#
+#   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact; SEED: 0, 1, 2
+#   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
+#
+# A row costs 1.5-2 hours on one core, more than a working session can keep a machine, so every piece
+# resumes: the dataset is collected once, training continues from its last checkpoint (`--resume`), the
+# evaluation from its journal (`--resume`). When a seed is evaluated, `damvla compare --keep-records` copies
+# its results, metrics and configs (no weights) into docs/records/grip3/<row>_s<seed>/: commit that folder,
+# and a later session adds the next seed to the same table without the earlier run folders.
+#
+# Environment: DAMVLA (the CLI, default .venv/bin/damvla), WORK (default /work: data/ and runs/ go there),
+# DAMVLA_WEIGHTS and DAMVLA_FEATURE_CACHE as for `damvla train`.
+set -euo pipefail
+
+DAMVLA=${DAMVLA:-.venv/bin/damvla}
+WORK=${WORK:-/work}
+DATA=$WORK/data/grip3_52
+RECORDS=docs/records/grip3
+TITLE="DAM-VLA vs CogACT on grip3, seeds 0-2: cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit"
+STEPS=9000
+
+table() {  # table [ROW SEED EVAL RUN]: every kept record, with ROW/sSEED from its run folders instead
+    local runs=() name
+    for rec in "$RECORDS"/*_s*/; do
+        [ -f "$rec/record.json" ] || continue
+        name=$(basename "$rec")
+        [ "$name" = "${1:-}_s${2:-}" ] && continue
+        runs+=(--run "${name%_s*}/s${name##*_s}=${rec%/}")
+    done
+    [ $# -eq 4 ] && runs+=(--run "$1/s$2=$3:$4")
+    [ ${#runs[@]} -gt 0 ] || { echo "no records in $RECORDS yet" >&2; return 1; }
+    "$DAMVLA" compare "${runs[@]}" --baseline cogact --title "$TITLE" \
+        --append-results docs/results.md --figures docs/figures --keep-records "$RECORDS"
+}
+
+if [ "${1:-}" = "--table" ]; then
+    table
+    exit
+fi
+ROW=${1:?usage: $0 damvla|cogact SEED  (or --table)}
+SEED=${2:?usage: $0 damvla|cogact SEED}
+case $ROW in
+    damvla) ABLATION=() ;;
+    cogact) ABLATION=(--ablation cogact) ;;
+    *) echo "ROW must be damvla or cogact, got '$ROW'" >&2; exit 2 ;;
+esac
+RUN=$WORK/runs/v2_${ROW}_s${SEED}
+EVAL=$WORK/runs/eval_v2_${ROW}_s${SEED}
+
+if [ ! -f "$DATA/meta/info.json" ]; then
+    "$DAMVLA" collect metaworld --suite grip3 --episodes 52 --out "$DATA" --camera corner4 --resolution 128
+fi
+if [ -f "$RUN/checkpoints/latest" ]; then
+    "$DAMVLA" train --resume "$RUN" --steps $STEPS
+else
+    "$DAMVLA" train --preset cpu --dataset "$DATA" --out "$RUN" --steps $STEPS --batch-size 32 --lr 3e-4 \
+        --warmup 300 --schedule cosine --seed "$SEED" "${ABLATION[@]}" --ema 0.999 --val-episodes 6 \
+        --val-every 1000 --save-every 1000 --threads 1 state_dim=4
+fi
+if [ -f "$EVAL/results.json" ] && ! grep -q '"complete": false' "$EVAL/results.json"; then
+    echo "$EVAL is complete: not evaluated again"
+else
+    resume=()
+    [ -f "$EVAL/run.json" ] && resume=(--resume)
+    "$DAMVLA" eval "$RUN" --policy checkpoint --suite grip3 --episodes 50 --out "$EVAL" --workers 1 --seed 0 \
+        --videos 1 --plots 3 --device cpu --threads 1 --max-steps 300 "${resume[@]}"
+fi
+table "$ROW" "$SEED" "$EVAL" "$RUN"
