@@ -4,6 +4,7 @@ buffered frames, prompts and states the checkpoint cannot take, and an open bind
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import struct
 import subprocess
@@ -358,3 +359,17 @@ def test_a_flooding_address_is_made_to_wait_while_other_addresses_are_not():
         assert len(waits) == 2  # the other address was not charged for the flood
         ws.close()
         other.close()
+
+
+def test_health_checks_do_not_fill_the_log_but_refusals_still_show(caplog):
+    caplog.set_level(logging.INFO)
+    with ServerThread(PolicyServer(DoublePolicy(), port=0, api_key="k")) as srv:
+        for _ in range(5):
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().status == 200
+        with pytest.raises(websockets.InvalidStatus):
+            ws_connect(srv.port)  # no key: 401
+    lines = [r.getMessage() for r in caplog.records]
+    assert not any("200" in m for m in lines), lines
+    assert any("401" in m for m in lines) and any("API key" in m for m in lines)

@@ -60,6 +60,19 @@ from damvla.serving.protocol import REQUEST_LIMITS, ProtocolError, packb, unpack
 
 log = logging.getLogger(__name__)
 
+
+class _QuietHealthChecks(logging.Filter):
+    """Drop websockets' INFO line for every answered ``/healthz`` (``... (200 OK)``): a prober every 250 ms,
+    or anyone hammering the endpoint, would otherwise fill the server log. Refusals (401, 503) still log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and record.args and record.args[0] == 200)
+
+
+# websockets' connection log, under our name so that the filter applies to this server only.
+_ws_log = logging.getLogger("damvla.serving.websockets")
+_ws_log.addFilter(_QuietHealthChecks())
+
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
 DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 8
@@ -547,6 +560,7 @@ class PolicyServer:
             max_size=self.max_message_bytes,
             max_queue=RECEIVE_QUEUE,
             process_request=self._process_request,
+            logger=_ws_log,
         ) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1] if server.sockets else self.port
