@@ -1,0 +1,72 @@
+"""scripts/grip3_table.sh: each piece resumes what an earlier session left, and the table is rebuilt from
+the kept records plus the new seed (a stand-in CLI records the calls instead of training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case $1 in
+  collect) mkdir -p "$WORK/data/grip3_52/meta"; echo '{}' > "$WORK/data/grip3_52/meta/info.json" ;;
+  train) mkdir -p "$WORK/runs/x/checkpoints" ;;
+  eval) ;;
+esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "grip3_table.sh", repo / "scripts")
+    records = repo / "docs" / "records" / "grip3"
+    for name in ("cogact_s0", "damvla_s0", "damvla_s1"):
+        (records / name).mkdir(parents=True)
+        (records / name / "record.json").write_text("{}")
+    fake = tmp_path / "damvla"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    work, calls = tmp_path / "work", tmp_path / "calls.txt"
+    env = {**os.environ, "DAMVLA": str(fake), "WORK": str(work), "CALLS": str(calls)}
+
+    def run(*args: str) -> list[str]:
+        calls.write_text("")
+        subprocess.run(["bash", "scripts/grip3_table.sh", *args], cwd=repo, env=env, check=True)
+        return calls.read_text().splitlines()
+
+    first = run("damvla", "1")
+    assert [c.split()[0] for c in first] == ["collect", "train", "eval", "compare"]
+    assert "--seed 1" in first[1] and "--resume" not in first[2]
+    compare = first[3]
+    # the kept records, except damvla_s1, which the new run folders replace
+    assert "cogact/s0=docs/records/grip3/cogact_s0" in compare and "damvla/s0=docs/records/grip3/damvla_s0" in compare
+    assert f"damvla/s1={work}/runs/eval_v2_damvla_s1:{work}/runs/v2_damvla_s1" in compare
+    assert "records/grip3/damvla_s1" not in compare and "--keep-records docs/records/grip3" in compare
+
+    # a later session: training resumes from its checkpoint, the interrupted evaluation from its journal
+    run_dir, eval_dir = work / "runs" / "v2_damvla_s1", work / "runs" / "eval_v2_damvla_s1"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step-0001000")
+    eval_dir.mkdir(parents=True)
+    (eval_dir / "run.json").write_text("{}")
+    (eval_dir / "results.json").write_text(json.dumps({"complete": False}, indent=2))
+    second = run("damvla", "1")
+    assert [c.split()[0] for c in second] == ["train", "eval", "compare"]
+    assert second[0].startswith(f"train --resume {run_dir}") and "--resume" in second[1]
+    # a finished evaluation is not run again
+    (eval_dir / "results.json").write_text(json.dumps({"complete": True}, indent=2))
+    assert [c.split()[0] for c in run("damvla", "1")] == ["train", "compare"]
+    # --table: the records alone
+    table = run("--table")
+    assert len(table) == 1 and table[0].count("--run ") == 3
+
+    with pytest.raises(subprocess.CalledProcessError):
+        run("octo", "0")
