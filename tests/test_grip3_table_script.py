@@ -68,5 +68,8 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     table = run("--table")
     assert len(table) == 1 and table[0].count("--run ") == 3
 
+    nostate = run("damvla-nostate", "0")
+    assert nostate[0].endswith("state_dim=0") and "damvla-nostate/s0=" in nostate[-1]
+    assert first[1].endswith("state_dim=4")
     with pytest.raises(subprocess.CalledProcessError):
         run("octo", "0")
