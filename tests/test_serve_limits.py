@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 
 from damvla.config import preset
 from damvla.serving.protocol import ProtocolError, packb, unpackb
-from damvla.serving.server import ByteBudget, PolicyServer, RequestError, ServerThread
+from damvla.serving.server import BAD_REQUEST_PENALTY, ByteBudget, PolicyServer, RequestError, ServerThread
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
 
@@ -373,3 +373,27 @@ def test_health_checks_do_not_fill_the_log_but_refusals_still_show(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert not any("200" in m for m in lines), lines
     assert any("401" in m for m in lines) and any("API key" in m for m in lines)
+
+
+def test_a_refused_request_costs_its_sender_the_penalty_times_its_size():
+    server = PolicyServer(DoublePolicy(), port=0, max_message_bytes=2 << 20, max_bytes_per_second=1 << 20)
+    server.byte_budget.clock = lambda: 0.0
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    server._sleep = record
+    bad = packb({"pad": bytes(1 << 19)})  # no image: a bad request of just over 0.5 MiB
+    good = packb(obs())
+    with ServerThread(server) as srv:
+        ws = ws_connect(srv.port)
+        ws.send(bad)
+        assert isinstance(ws.recv(timeout=10), str)
+        ws.send(good)  # the next request is still served, after the wait
+        assert isinstance(ws.recv(timeout=10), bytes)
+        ws.close()
+    burst = server.max_message_bytes + (1 << 20)
+    # the frame itself fits in the burst; the penalty (7 more times its size) does not, nor the next request
+    debt = BAD_REQUEST_PENALTY * len(bad) - burst
+    assert waits == pytest.approx([debt / (1 << 20), (debt + len(good)) / (1 << 20)])

@@ -16,7 +16,8 @@ checked before it is decoded (``protocol.DecodeLimits``); at most ``max_connecti
 ``max_connections_per_address`` from one address, counted from the HTTP upgrade request on; a connection
 that sends no request within ``first_request_timeout_s``, or none for ``idle_timeout_s`` after its last
 reply, is closed (code 1008); one frame at most waits behind the one being served, so a connection holds
-about two frames of memory; each address may send ``max_bytes_per_second`` on average (``ByteBudget``):
+about two frames of memory; each address may send ``max_bytes_per_second`` on average (``ByteBudget``; a
+refused request counts ``BAD_REQUEST_PENALTY`` times its size):
 beyond it the server stops reading that client's socket for a while, so TCP back-pressure, not the server's
 CPU, absorbs a flood of large frames; prompts and states are checked against what the checkpoint can take.
 """
@@ -78,6 +79,10 @@ DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 8
 DEFAULT_FIRST_REQUEST_TIMEOUT_S = 30.0
 DEFAULT_IDLE_TIMEOUT_S = 300.0
+# A refused request (bad request: a bomb, a frame that is no observation) costs its sender this many times its
+# size in byte budget: a robot with a bug sends a few and is barely slowed; a flood of refused max-size frames
+# gets one frame through per PENALTY x (frame / rate) seconds, since refusing them is pure loss to the server.
+BAD_REQUEST_PENALTY = 8
 # Per client address, averaged: a robot sending three 640x480 RGB cameras raw (2.8 MB) at 10 Hz fits, a
 # sender of back-to-back 32 MiB frames (400+ MB/s on loopback) is slowed about 15-fold.
 DEFAULT_MAX_BYTES_PER_SECOND = 32 * 2**20
@@ -497,12 +502,13 @@ class PolicyServer:
             await ws.close(CloseCode.POLICY_VIOLATION, reason)
             return None
 
-    async def _throttle(self, address: str, message: str | bytes) -> None:
-        """Wait out ``address``'s byte budget. Nothing more is read from the connection meanwhile (at most
-        the one frame the receive queue holds), so the sender meets TCP back-pressure."""
+    async def _throttle(self, address: str, nbytes: int) -> None:
+        """Charge ``nbytes`` to ``address``'s byte budget and wait out any debt. Nothing more is read from
+        the connection meanwhile (at most the one frame the receive queue holds), so the sender meets TCP
+        back-pressure."""
         if self.byte_budget is None:
             return
-        wait = self.byte_budget.charge(address, len(message))
+        wait = self.byte_budget.charge(address, nbytes)
         if wait > 0:
             log.debug("throttling %s for %.2f s (--max-mb-per-second)", address, wait)
             await self._sleep(wait)
@@ -516,34 +522,38 @@ class PolicyServer:
         try:
             await ws.send(packb(self.metadata))
             while (message := await self._next_message(ws, first)) is not None:
-                first = False
-                await self._throttle(address, message)
+                first, size, refused, batch = False, len(message), True, None
                 t0 = time.perf_counter()
                 if isinstance(message, str):
                     await self._send_error(
                         ws, "damvla serve: bad request: text frames are not part of the protocol; "
                         "send each observation as one binary msgpack map"
                     )
-                    continue
-                try:
-                    batch = await loop.run_in_executor(self._prepare_pool, self.prepare, message)
-                    t1 = time.perf_counter()
-                    reply = await loop.run_in_executor(self._infer_pool, self.predict, batch)
-                except RequestError as e:
-                    await self._send_error(ws, str(e))
-                    continue
-                except Exception:
-                    # The policy failed on a valid request: report it as text, as openpi does, and keep
-                    # serving; the next request may well succeed.
-                    log.exception("inference failed")
-                    await self._send_error(ws, self._inference_error())
-                    continue
-                reply["policy_timing"]["preprocess_ms"] = (t1 - t0) * 1e3
-                reply["server_timing"] = {"infer_ms": (time.perf_counter() - t0) * 1e3}
-                if prev_total_ms is not None:
-                    reply["server_timing"]["prev_total_ms"] = prev_total_ms
-                await ws.send(packb(reply))
-                prev_total_ms = (time.perf_counter() - t0) * 1e3
+                else:
+                    try:
+                        batch = await loop.run_in_executor(self._prepare_pool, self.prepare, message)
+                        t1 = time.perf_counter()
+                        reply = await loop.run_in_executor(self._infer_pool, self.predict, batch)
+                    except RequestError as e:
+                        await self._send_error(ws, str(e))
+                    except Exception:
+                        # The policy failed on a valid request: report it as text, as openpi does, and keep
+                        # serving; the next request may well succeed.
+                        refused = False
+                        log.exception("inference failed")
+                        await self._send_error(ws, self._inference_error())
+                    else:
+                        refused = False
+                        reply["policy_timing"]["preprocess_ms"] = (t1 - t0) * 1e3
+                        reply["server_timing"] = {"infer_ms": (time.perf_counter() - t0) * 1e3}
+                        if prev_total_ms is not None:
+                            reply["server_timing"]["prev_total_ms"] = prev_total_ms
+                        await ws.send(packb(reply))
+                        prev_total_ms = (time.perf_counter() - t0) * 1e3
+                # Charged after the answer, with the frame dropped: a throttled connection holds at most the
+                # one frame queued behind this one while it waits.
+                message = batch = None  # noqa: F841
+                await self._throttle(address, size * (BAD_REQUEST_PENALTY if refused else 1))
         except websockets.ConnectionClosed:
             pass
         finally:
