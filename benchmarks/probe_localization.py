@@ -103,12 +103,8 @@ def main() -> int:
     tasks = sorted({r[4] for r in rows})
     print(f"{len(set(groups))} episodes ({', '.join(tasks)}), {len(rows)} frames")
 
-    frames = {}
-    for pos in sorted(set(groups)):
-        x = ds._episode_frames(pos)
-        for r in (r for r in rows if r[0] == pos):
-            frames[(pos, r[1])] = x[r[1]]
-    raw = torch.stack([frames[(r[0], r[1])] for r in rows])  # uint8 (N, 3, S, S) at the dataset's size
+    # uint8 (N, 3, S, S) at the dataset's size (the dataset keeps decoded episodes in its own cache)
+    raw = torch.stack([ds._episode_frames(r[0])[r[1]] for r in rows])
     results = []
     for view in args.views.split(","):
         size, pool = (int(v) for v in view.split(":"))

@@ -78,22 +78,31 @@ def parse_run(spec: str) -> Run:
                 by_step[row["step"]] = row  # a resumed run re-logs steps: keep the last
         metrics = [by_step[s] for s in sorted(by_step)]
         # The run may have trained on after the evaluated checkpoint: curves and accuracies stop at it.
-        m = re.search(r"step-(\d+)", str((results.get("config") or {}).get("checkpoint", "")))
-        if m:
-            metrics = [row for row in metrics if row["step"] <= int(m.group(1))]
+        folder = _evaluated_step_folder(results)
+        if folder is not None:
+            metrics = [row for row in metrics if row["step"] <= int(folder.removeprefix("step-"))]
     return Run(name, eval_dir, train_dir, results, metrics, episodes)
+
+
+def _evaluated_step_folder(results: dict[str, Any]) -> str | None:
+    """The ``step-N`` folder name of the checkpoint an evaluation ran, from its recorded path."""
+    m = re.search(r"step-\d+", str((results.get("config") or {}).get("checkpoint", "")))
+    return m.group(0) if m else None
+
+
+def _latest_checkpoint(train_dir: Path) -> Path | None:
+    latest = train_dir / "checkpoints" / "latest"
+    return train_dir / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
 
 
 def _evaluated_checkpoint(run: Run) -> Path | None:
     """The training run's checkpoint folder the evaluation used (else its latest)."""
     if run.train_dir is None:
         return None
-    root = run.train_dir / "checkpoints"
-    m = re.search(r"(step-\d+)", str((run.results.get("config") or {}).get("checkpoint", "")))
-    if m and (root / m.group(1)).is_dir():
-        return root / m.group(1)
-    latest = root / "latest"
-    return root / latest.read_text().strip() if latest.is_file() else None
+    folder = _evaluated_step_folder(run.results)
+    if folder is not None and (run.train_dir / "checkpoints" / folder).is_dir():
+        return run.train_dir / "checkpoints" / folder
+    return _latest_checkpoint(run.train_dir)
 
 
 def keep_record(run: Run, root: Path) -> Path:
@@ -152,10 +161,10 @@ def closed_loop_router_agreement(episodes: list[dict[str, Any]]) -> float | None
 
 
 def _train_command(train_dir: Path, steps: int | None = None) -> str | None:
-    latest = train_dir / "checkpoints" / "latest"
-    if not latest.is_file():
+    ckpt = _latest_checkpoint(train_dir)
+    if ckpt is None:
         return None
-    cfg = json.loads((train_dir / "checkpoints" / latest.read_text().strip() / "train_config.json").read_text())["train"]
+    cfg = json.loads((ckpt / "train_config.json").read_text())["train"]
     args = ["damvla", "train", "--preset", cfg["preset"], "--dataset", cfg["dataset"], "--out", cfg["out"],
             "--steps", str(steps or cfg["steps"]), "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
             "--warmup", str(cfg["warmup"]), "--schedule", cfg["schedule"], "--seed", str(cfg["seed"])]
@@ -169,10 +178,10 @@ def _train_command(train_dir: Path, steps: int | None = None) -> str | None:
 
 def _collect_command(train_dir: Path) -> str | None:
     """The `damvla collect` command that made the run's dataset, from the dataset's own recipe."""
-    latest = train_dir / "checkpoints" / "latest"
-    if not latest.is_file():
+    ckpt = _latest_checkpoint(train_dir)
+    if ckpt is None:
         return None
-    meta = json.loads((train_dir / "checkpoints" / latest.read_text().strip() / "metadata.json").read_text())
+    meta = json.loads((ckpt / "metadata.json").read_text())
     recipe = (meta.get("damvla") or {}).get("recipe") or {}
     if recipe.get("simulator") != "metaworld_v3":
         return None

@@ -128,6 +128,11 @@ def _plain(obj: Any, depth: int = 0) -> Any:
     return repr(obj)[:200]
 
 
+def _client_address(connection: ServerConnection) -> str:
+    """The peer's IP address: the key of the per-address connection limit and byte budget."""
+    return str((connection.remote_address or ("?",))[0])
+
+
 def _policy_device(policy: Any) -> torch.device:
     try:
         return next(policy.parameters()).device
@@ -439,7 +444,7 @@ class PolicyServer:
                 return connection.respond(
                     http.HTTPStatus.UNAUTHORIZED, "401 Unauthorized: send 'Authorization: Api-Key <key>'\n"
                 )
-        address = str((connection.remote_address or ("?",))[0])
+        address = _client_address(connection)
         if self._connections >= self.max_connections:
             log.warning("refused %s: %d connections open (--max-connections)", connection.remote_address,
                         self._connections)  # fmt: skip
@@ -516,7 +521,7 @@ class PolicyServer:
     async def _serve_connection(self, ws: ServerConnection) -> None:
         loop = asyncio.get_running_loop()
         log.info("client connected: %s", ws.remote_address)
-        address = str((ws.remote_address or ("?",))[0])
+        address = _client_address(ws)
         prev_total_ms: float | None = None
         first = True
         try:
