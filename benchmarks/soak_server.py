@@ -107,6 +107,7 @@ async def ws_connect(port: int, source: str):
 class Record:
     def __init__(self) -> None:
         self.latency: dict[str, list[float]] = {"alone": [], "attacked": []}
+        self.batch_size: dict[str, list[int]] = {"alone": [], "attacked": []}  # rows of the call that served it
         self.errors: dict[str, list[str]] = {"alone": [], "attacked": []}
         self.healthz: dict[str, list[float]] = {"alone": [], "attacked": []}
         self.healthz_errors: dict[str, int] = {"alone": 0, "attacked": 0}
@@ -137,8 +138,10 @@ async def good_client(i: int, port: int, rate: float, stop: float, rec: Record) 
             if isinstance(reply, str):
                 rec.errors[phase].append(reply[:200])
                 continue
-            assert unpackb(reply, limits=None)["actions"].shape[0] > 0
+            answer = unpackb(reply, limits=None)
+            assert answer["actions"].shape[0] > 0
             rec.latency[phase].append((time.perf_counter() - t0) * 1e3)
+            rec.batch_size[phase].append(int(answer["policy_timing"].get("batch_size", 1)))
         except Exception as e:  # noqa: BLE001 - every failure of a good client is a finding
             rec.errors[phase].append(f"{type(e).__name__}: {e}"[:200])
             ws = None
@@ -370,7 +373,7 @@ def main() -> int:
             server.kill()
     out = {
         "seconds": args.seconds, "clients": args.clients, "rate_hz": args.rate, "checkpoint": label,
-        "cpus": os.cpu_count(), "server_rss_ready_mb": rss_ready / 1024, "server_peak_rss_mb": peak_kb / 1024,
+        "cpus": os.cpu_count(), "serve_args": args.serve_args, "server_rss_ready_mb": rss_ready / 1024, "server_peak_rss_mb": peak_kb / 1024,
         "server_rss_5s_after_attacks_mb": rss_after / 1024,
         "attacks": counts, "phases": {},
     }
@@ -383,6 +386,7 @@ def main() -> int:
             "healthz_probes": len(hz), "healthz_failures": rec.healthz_errors[phase],
             "healthz_p99_ms": percentile(hz, 99), "healthz_max_ms": max(hz, default=None),
             "peak_rss_mb": rec.rss_kb[phase] / 1024,
+            "mean_batch_size": float(np.mean(rec.batch_size[phase])) if rec.batch_size[phase] else None,
             "server_cpu_s": rec.cpu_s[phase], "wall_s": args.seconds / 2,
         }
     a, b = out["phases"]["alone"], out["phases"]["attacked"]

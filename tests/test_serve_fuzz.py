@@ -31,8 +31,9 @@ class DoublePolicy:
 
     def predict_action_chunk(self, batch, return_info=False):
         h, d = self.config.horizon, self.config.action_dim
-        info = {"router_weight": torch.zeros(1), "head": torch.zeros(1, dtype=torch.long)}
-        return torch.zeros(1, h, d), info
+        rows = len(batch["task"])
+        info = {"router_weight": torch.zeros(rows), "head": torch.zeros(rows, dtype=torch.long)}
+        return torch.zeros(rows, h, d), info
 
 
 def nd(arr: np.ndarray) -> dict:

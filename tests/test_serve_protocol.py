@@ -81,8 +81,8 @@ class DoublePolicy:
             time.sleep(self.delay_s)
         img = batch["observation.images.image"]
         h, d = self.config.horizon, self.config.action_dim
-        # Actions encode the mean pixel so a test can tell the image reached the policy.
-        actions = torch.full((img.shape[0], h, d), float(img.float().mean()) / 255.0)
+        # Actions encode each row's mean pixel so a test can tell the image reached the policy (and its row).
+        actions = (img.float().mean(dim=(1, 2, 3)) / 255.0)[:, None, None].expand(-1, h, d).clone()
         info = {"router_weight": torch.tensor([0.75]), "head": torch.tensor([1])}
         return (actions, info) if return_info else actions
 

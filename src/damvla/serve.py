@@ -9,10 +9,12 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 log = logging.getLogger("damvla.serve")
 
 DEFAULT_PORT = 8000  # openpi's
+DEFAULT_MAX_BATCH = 8  # the server's default (damvla.serving.server, which imports torch: not at parse time)
 
 
 def port_number(text: str) -> int:
@@ -114,7 +116,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="put the full traceback of an inference error in the reply, as openpi does (default: the "
         "exception's type and message; the server log always has the traceback)",
     )
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                        help="requests that arrive while the model is busy are served by its next call, up to N "
+                        "at once; nothing waits to fill a batch; 1: one request per call, as openpi "
+                        f"(default {DEFAULT_MAX_BATCH})")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads for inference (default: all cores but one on --device cpu, so "
+                        "that receiving and decoding requests keep a core; torch's default otherwise)")  # fmt: skip
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up inference at startup")
+
+
+def inference_threads(requested: int | None, policy: Any) -> int | None:
+    """torch's CPU threads for serving: ``--threads``, else every core but one when the model runs on the CPU
+    (torch takes them all, and then the event loop and the request decoders queue behind its threads, which
+    is what a robot's latency tail is made of). ``None``: leave torch's choice (a GPU model)."""
+    if requested is not None:
+        return requested
+    device = next(iter(policy.parameters()), None)
+    if device is not None and device.device.type != "cpu":
+        return None
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def _load_policy(checkpoint: str, device: str):  # -> DAMVLAPolicy (torch imported lazily)
@@ -150,15 +171,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_message_mb <= 0:
         raise ValueError(f"--max-message-mb={args.max_message_mb}: must be positive")
-    for flag in ("max_connections", "max_connections_per_address"):
+    for flag in ("max_connections", "max_connections_per_address", "max_batch"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be at least 1")
     for flag in ("first_request_timeout", "idle_timeout", "max_mb_per_second"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 0 (0: no limit)")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads}: must be at least 1")
     check_open_bind(args.host, args.api_key, args.allow_no_key)
     check_bindable(args.host, args.port)  # seconds before the model has loaded, not after
     policy = _load_policy(args.checkpoint, args.device)
+    threads = inference_threads(args.threads, policy)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("inference on %d CPU thread(s) (--threads)", threads)
     obs_map = ObservationMap.load(args.obs_map, policy.config.vision.camera)
     server = PolicyServer(
         policy,
@@ -173,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         first_request_timeout_s=args.first_request_timeout,
         idle_timeout_s=args.idle_timeout,
         max_bytes_per_second=args.max_mb_per_second * 2**20,
+        max_batch=args.max_batch,
     )
     if not server.api_key and not is_loopback(args.host):
         log.warning("listening on %s without an API key (--allow-no-key): anyone who can reach this port can "
