@@ -62,9 +62,10 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("fc") / "ds")
 
 
-@pytest.mark.parametrize("position", ["false", "true"])
-def test_loss_on_cached_features_equals_the_loss_computed_online(dataset: Path, tmp_path: Path, position: str) -> None:
-    policy, ds = make(dataset, f"vision.patch_position={position}")
+@pytest.mark.parametrize("extra", [("vision.patch_position=false",), ("vision.patch_position=true",),
+                                   ("vision.patch_position=true", "vision.arm_queries=3")])  # fmt: skip
+def test_loss_on_cached_features_equals_the_loss_computed_online(dataset: Path, tmp_path: Path, extra: tuple) -> None:
+    policy, ds = make(dataset, *extra)
     policy.set_state_stats([0.1, -0.2], [1.5, 0.5])
     cache = FeatureCache.for_policy(policy, ds, tmp_path)
     cache.build(policy.vision, ds, batch_size=4, progress=False)  # batches that split episodes
@@ -85,6 +86,8 @@ def test_loss_on_cached_features_equals_the_loss_computed_online(dataset: Path, 
     # and the gradient reaches the trainable parts after the cache (queries, projector, heads) alike
     loss_cached.backward()
     assert policy.gripper_queries is not None and policy.gripper_queries.queries.grad is not None
+    if policy.config.vision.arm_queries:
+        assert policy.arm_queries.queries.grad is not None and policy.heads["arm"].num_visual == 1 + 3
     assert all(p.grad is None for p in policy.vision.parameters())
 
 
@@ -119,6 +122,8 @@ def test_changed_encoder_resolution_or_dataset_gives_another_cache(dataset: Path
 
     p_pos, ds_pos = make(dataset, "vision.patch_position=true")  # applied after the cache: the same cache
     assert FeatureCache.for_policy(p_pos, ds_pos, tmp_path).key == base.key
+    p_arm, ds_arm = make(dataset, "vision.arm_queries=2")  # trained after the cache too
+    assert FeatureCache.for_policy(p_arm, ds_arm, tmp_path).key == base.key
 
     copy = write_dataset(tmp_path / "copy", seed=0)  # identical bytes elsewhere: same content, same cache
     p5, ds5 = make(copy)

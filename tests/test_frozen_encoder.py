@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from transformers import Dinov2Model
 
 from damvla.cli import main
-from damvla.config import PolicyConfig, apply_overrides, preset
+from damvla.config import ABLATIONS, PolicyConfig, apply_overrides, preset
 from damvla.model.policy import VISION_REFERENCE, DAMVLAPolicy
 from damvla.model.vision import VisionFeatures, dinov2_config
 from damvla.normalize import ActionNormalizer
@@ -170,3 +171,18 @@ def test_patch_position_code_tells_the_gripper_queries_where_a_patch_is(position
     assert torch.allclose(out[0], out[1], atol=1e-6) != position
     # the code is fixed by the config, so it is not a checkpoint tensor
     assert "patch_position" not in policy.state_dict()
+
+
+def test_arm_queries_give_the_arm_head_patch_tokens_of_its_own_only_where_dam_and_vt_are_on() -> None:
+    cfg = apply_overrides(preset("tiny"), SMALL + ["vision.arm_queries=3"])
+    policy = DAMVLAPolicy(cfg, ActionNormalizer.identity(cfg.action_dim), load_pretrained=False)
+    assert policy.heads["arm"].num_visual == 4 and policy.heads["gripper"].num_visual == 2
+    assert policy.parameter_counts()["arm_queries"] > 0
+    n, c = cfg.vision.num_patches, cfg.vision.patch_dim
+    feats = policy.complete_features(VisionFeatures(torch.randn(2, n, c), torch.randn(2, 1, c), torch.zeros(2, 0, c)))
+    arm = policy._visual_condition("arm", feats)
+    assert arm.shape == (2, 4, c) and torch.equal(arm[:, :1], feats.cls)
+    for ablation in ("vt_acw_tw", "no_vt"):  # one head, or no visual tokens: nothing for arm queries to feed
+        other = copy.deepcopy(cfg)
+        other.ablation = copy.deepcopy(ABLATIONS[ablation])
+        assert DAMVLAPolicy(other, ActionNormalizer.identity(cfg.action_dim), load_pretrained=False).arm_queries is None

@@ -52,6 +52,10 @@ class VisionConfig:
     # encoder without registers, this many learned queries attending over the DINOv2 patch tokens (our
     # stand-in, docs/method.md). 0 = use the registers.
     gripper_queries: int = 0
+    # With DAM and VT: the arm head reads, besides the class token, this many learned queries of its own over
+    # the patch tokens (our choice, off in every preset; docs/method.md). A frozen DINOv2-S class token barely
+    # places the goal (benchmarks/probe_localization.py), so at CPU scale the arm head may need the grid.
+    arm_queries: int = 0
     # Average-pool the patch grid by this factor before the language model (1 = off): 224 px gives DINOv2 a
     # finer 16x16 grid, pooled to 8x8 tokens the CPU-sized LLM can afford. Part of the cached features.
     patch_pool: int = 1
@@ -201,8 +205,8 @@ class PolicyConfig:
                 f"vision.patch_pool={self.vision.patch_pool} must be >= 1 and divide the patch grid side "
                 f"{self.vision.image_size // self.vision.dinov2.patch_size}"
             )
-        if self.vision.gripper_queries < 0 or self.state_dim < 0:
-            errs.append("vision.gripper_queries and state_dim must be >= 0")
+        if self.vision.gripper_queries < 0 or self.vision.arm_queries < 0 or self.state_dim < 0:
+            errs.append("vision.gripper_queries, vision.arm_queries and state_dim must be >= 0")
         if not 0 < self.language.reasoning_layer <= self.language.num_layers:
             errs.append(f"language.reasoning_layer={self.language.reasoning_layer} not in 1..num_layers")
         if self.inference.routing not in ("hard", "soft"):

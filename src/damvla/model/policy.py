@@ -28,7 +28,7 @@ from damvla.model.tokenizer import ByteTokenizer, HFTokenizer
 from damvla.model.vision import (
     FEATURE_KEYS,
     DualVisionEncoder,
-    GripperQueries,
+    PatchQueries,
     VisionFeatures,
     grid_position_code,
 )
@@ -69,8 +69,10 @@ class DAMVLAPolicy(nn.Module):
         r = v.num_local_tokens
         # Registers stand-in for an encoder without them (trainable, after any feature cache).
         self.gripper_queries = (
-            GripperQueries(v.gripper_queries, d_cls) if v.gripper_queries and ab.vt else None
+            PatchQueries(v.gripper_queries, d_cls) if v.gripper_queries and ab.vt else None
         )
+        arm_queries = v.arm_queries if ab.vt and ab.dam else 0
+        self.arm_queries = PatchQueries(arm_queries, d_cls) if arm_queries else None
         if v.patch_position:  # fixed, rebuilt from the config: not saved
             self.register_buffer("patch_position", grid_position_code(v.num_patches, v.patch_dim), persistent=False)
         else:
@@ -86,7 +88,7 @@ class DAMVLAPolicy(nn.Module):
 
         if ab.dam:
             # Arm head: global class token. Gripper head: local register tokens (METHOD.md §1).
-            self.heads = nn.ModuleDict({"arm": head(1 if ab.vt else 0), "gripper": head(r if ab.vt else 0)})
+            self.heads = nn.ModuleDict({"arm": head(1 + arm_queries if ab.vt else 0), "gripper": head(r if ab.vt else 0)})
             self.router = Router(lang.hidden_size, config.router_hidden)
         else:
             # One head (CogACT). With VT on it sees class and register tokens (our choice; paper silent).
@@ -184,7 +186,9 @@ class DAMVLAPolicy(nn.Module):
         if not self.config.ablation.vt:
             return None
         if name == "arm":
-            return feats.cls
+            if self.arm_queries is None:
+                return feats.cls
+            return torch.cat([feats.cls, self.arm_queries(feats.patches[..., : self.config.vision.dinov2.hidden_size])], dim=1)
         if name == "gripper":
             return feats.registers
         return torch.cat([feats.cls, feats.registers], dim=1)
@@ -351,7 +355,7 @@ class DAMVLAPolicy(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         parts: dict[str, nn.Module | None] = {
             "vision.dinov2": self.vision.dinov2, "vision.siglip": self.vision.siglip,
-            "gripper_queries": self.gripper_queries, "projector": self.language.projector,
+            "gripper_queries": self.gripper_queries, "arm_queries": self.arm_queries, "projector": self.language.projector,
             "llm": self.language.llm, "router": self.router,
         }
         for name, head in self.heads.items():

@@ -7,7 +7,7 @@ run, so it is not even built: a real checkpoint's last-block weights are skipped
 
 ``vision.siglip = None`` gives a DINOv2-only tower; a DINOv2 without registers (DINOv2-S, the ``cpu``
 preset) is transformers' plain ``Dinov2Model``. Its gripper-head tokens then come from
-:class:`GripperQueries`, learned queries over the patch tokens (our stand-in; docs/method.md). Position
+:class:`PatchQueries`, learned queries over the patch tokens (our stand-in; docs/method.md). Position
 embeddings are interpolated from the native table at run time by transformers, identically in the
 feature cache and online.
 """
@@ -159,9 +159,10 @@ def grid_position_code(num_patches: int, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(code, (0, dim - code.shape[1]))  # dim not divisible by 4: zero tail
 
 
-class GripperQueries(nn.Module):
+class PatchQueries(nn.Module):
     """Learned queries that pick local tokens for the gripper head out of the DINOv2 patch tokens, standing
-    in for register tokens when the encoder has none (our choice; docs/method.md). Each query is a learned
+    in for register tokens when the encoder has none (our choice; docs/method.md); ``vision.arm_queries``
+    gives the arm head a set of its own. Each query is a learned
     spatial soft-attention: softmax over the patches of (query . key(LN(patch))), and its token is that
     weighted mean of the raw patch features, so it lives in the DINOv2 width like a register would.
     Keys are projected to a small width: on a CPU the projection of every patch is the whole cost."""

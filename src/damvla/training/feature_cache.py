@@ -63,7 +63,7 @@ def dataset_fingerprint(ds: PolicyDataset) -> str:
 
 def encoder_fingerprint(vision: nn.Module, vision_config: dict[str, Any]) -> str:
     """Hash of the frozen tower: its weights and the config fields that shape its output."""
-    shaping = {k: v for k, v in vision_config.items() if k not in ("camera", "frozen", "gripper_queries", "patch_position")}
+    shaping = {k: v for k, v in vision_config.items() if k not in ("camera", "frozen", "gripper_queries", "arm_queries", "patch_position")}
     for enc in ("dinov2", "siglip"):
         if isinstance(shaping.get(enc), dict):  # where the weights came from does not matter, their bytes do
             shaping[enc] = {k: v for k, v in shaping[enc].items() if k != "pretrained_path"}
