@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One training seed of one row of the grip3 table (docs/results.md, issue #11), then the table again.
 #
-#   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate; SEED: 0, 1, 2
+#   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq; SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #
 # A row costs 1.5-2 hours on one core, more than a working session can keep a machine, so every piece
@@ -39,14 +39,17 @@ if [ "${1:-}" = "--table" ]; then
     table
     exit
 fi
-ROW=${1:?usage: $0 damvla|cogact|damvla-nostate SEED  (or --table)}
-SEED=${2:?usage: $0 damvla|cogact|damvla-nostate SEED}
+ROWS="damvla|cogact|damvla-nostate|damvla-armq"
+ROW=${1:?usage: $0 $ROWS SEED  (or --table)}
+SEED=${2:?usage: $0 $ROWS SEED}
 STATE=state_dim=4  # proprioception on (the cpu preset's measured choice); damvla-nostate: the paper's inputs
+EXTRA=()
 case $ROW in
     damvla) ABLATION=() ;;
     cogact) ABLATION=(--ablation cogact) ;;
     damvla-nostate) ABLATION=(); STATE=state_dim=0 ;;
-    *) echo "ROW must be damvla, cogact or damvla-nostate, got '$ROW'" >&2; exit 2 ;;
+    damvla-armq) ABLATION=(); EXTRA=(vision.arm_queries=4) ;;  # the arm head reads 4 patch queries of its own
+    *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac
 RUN=$WORK/runs/v2_${ROW}_s${SEED}
 EVAL=$WORK/runs/eval_v2_${ROW}_s${SEED}
@@ -59,7 +62,7 @@ if [ -f "$RUN/checkpoints/latest" ]; then
 else
     "$DAMVLA" train --preset cpu --dataset "$DATA" --out "$RUN" --steps $STEPS --batch-size 32 --lr 3e-4 \
         --warmup 300 --schedule cosine --seed "$SEED" "${ABLATION[@]}" --ema 0.999 --val-episodes 6 \
-        --val-every 1000 --save-every 1000 --threads 1 "$STATE"
+        --val-every 1000 --save-every 1000 --threads 1 "$STATE" "${EXTRA[@]}"
 fi
 if [ -f "$EVAL/results.json" ] && ! grep -q '"complete": false' "$EVAL/results.json"; then
     echo "$EVAL is complete: not evaluated again"

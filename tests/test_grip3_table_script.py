@@ -71,5 +71,7 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     nostate = run("damvla-nostate", "0")
     assert nostate[0].endswith("state_dim=0") and "damvla-nostate/s0=" in nostate[-1]
     assert first[1].endswith("state_dim=4")
+    armq = run("damvla-armq", "0")
+    assert armq[0].endswith("state_dim=4 vision.arm_queries=4") and "damvla-armq/s0=" in armq[-1]
     with pytest.raises(subprocess.CalledProcessError):
         run("octo", "0")
