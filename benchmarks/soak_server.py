@@ -8,11 +8,11 @@ The server runs as a `damvla serve` subprocess (CPU, default flags apart from ``
 leaves room for the attackers next to the good clients). The first half of the time the good clients run
 alone; in the second half an attacker process runs beside them:
 
-- ``bomb``: two connections sending msgpack bombs just under the 32 MiB frame limit (33 million empty
+- ``bomb``: two connections sending msgpack bombs just under the server's frame limit (8 MiB by default: 8 million empty
   lists), back to back, never waiting for the answer;
 - ``idle``: silent connections (their websockets library answers pings), as many as one address may hold,
   from two addresses, re-opened whenever the server closes them;
-- ``buffer``: four connections that send 30 MiB frames without ever reading a reply;
+- ``buffer``: four connections that send frames of 15/16 of the limit (7.5 MiB) without ever reading a reply;
 - ``invalid``: 2,000-character prompts and 7-D states (the checkpoint records 8), 5 per second.
 
 The bomb and buffer attackers write pre-built frames to raw sockets (a zero mask, so the attacker spends no
@@ -49,7 +49,18 @@ from websockets.asyncio.client import connect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from damvla.serving.protocol import packb, unpackb  # noqa: E402
 
-FRAME_LIMIT = 32 * 2**20
+DEFAULT_FRAME_MB = 8.0  # damvla serve's --max-message-mb default
+
+
+def frame_limit(serve_args: list[str]) -> int:
+    """The server's frame limit in bytes: its --max-message-mb among ``serve_args``, else the default."""
+    mb = DEFAULT_FRAME_MB
+    for i, a in enumerate(serve_args):
+        if a == "--max-message-mb" and i + 1 < len(serve_args):
+            mb = float(serve_args[i + 1])
+        elif a.startswith("--max-message-mb="):
+            mb = float(a.split("=", 1)[1])
+    return int(mb * 2**20)
 
 
 def free_port() -> int:
@@ -114,6 +125,7 @@ class Record:
         self.rss_kb: dict[str, int] = {"alone": 0, "attacked": 0}
         self.cpu_s: dict[str, float] = {"alone": 0.0, "attacked": 0.0}
         self.phase = "alone"
+        self.attacker_cpu_s = 0.0
 
 
 async def good_client(i: int, port: int, rate: float, stop: float, rec: Record) -> None:
@@ -174,8 +186,8 @@ async def rss_monitor(pid: int, stop: float, rec: Record) -> None:
 
 
 # ---- the attackers (their own process, so they never share a GIL with the good clients) ---------------
-def bomb_frame() -> bytes:
-    per_list, lists = 100_000, (FRAME_LIMIT - 64) // 100_005
+def bomb_frame(limit: int) -> bytes:
+    per_list, lists = 100_000, (limit - 64) // 100_005
     inner = b"\xdd" + struct.pack(">I", per_list) + b"\x90" * per_list
     return b"\x81\xa1x" + b"\xdd" + struct.pack(">I", lists) + inner * lists
 
@@ -272,18 +284,26 @@ async def attack_invalid(port: int, source: str, counts: dict) -> None:
             await asyncio.sleep(0.5)
 
 
-def attacker_main(port: int, per_address: int, result: mp.Queue) -> None:
+ATTACKS = ("bomb", "idle", "buffer", "invalid")
+
+
+def attacker_main(port: int, per_address: int, result: mp.Queue, attacks: tuple[str, ...], limit: int) -> None:
     counts: dict[str, int] = {k: 0 for k in (
         "bomb_frames_sent", "bomb_refused", "bomb_closed", "idle_opened", "idle_closed_by_server",
         "buffer_frames_sent", "buffer_closed", "invalid_refused", "invalid_accepted", "refused_503")}
-    bomb = raw_frame(bomb_frame())
-    buffer = raw_frame(packb({"pad": bytes(30 * 2**20)}))
+    bomb = raw_frame(bomb_frame(limit))
+    buffer = raw_frame(packb({"pad": bytes(limit // 16 * 15)}))
 
     async def run() -> None:
-        tasks = [attack_frames(port, "127.0.0.200", bomb, counts, "bomb") for _ in range(2)]
-        tasks += [attack_idle(port, f"127.0.0.{201 + a}", counts) for a in range(2) for _ in range(per_address)]
-        tasks += [attack_frames(port, "127.0.0.203", buffer, counts, "buffer") for _ in range(4)]
-        tasks.append(attack_invalid(port, "127.0.0.204", counts))
+        tasks = []
+        if "bomb" in attacks:
+            tasks += [attack_frames(port, "127.0.0.200", bomb, counts, "bomb") for _ in range(2)]
+        if "idle" in attacks:
+            tasks += [attack_idle(port, f"127.0.0.{201 + a}", counts) for a in range(2) for _ in range(per_address)]
+        if "buffer" in attacks:
+            tasks += [attack_frames(port, "127.0.0.203", buffer, counts, "buffer") for _ in range(4)]
+        if "invalid" in attacks:
+            tasks.append(attack_invalid(port, "127.0.0.204", counts))
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         running = [asyncio.create_task(t) for t in tasks]
@@ -312,10 +332,12 @@ async def soak(args: argparse.Namespace, port: int, pid: int) -> tuple[Record, d
     rec.cpu_s["alone"] = cpu1 - cpu0
     rec.phase = "attacked"
     result = mp.get_context("spawn").Queue()
-    attacker = mp.get_context("spawn").Process(target=attacker_main, args=(port, args.per_address, result))
+    attacker = mp.get_context("spawn").Process(target=attacker_main, args=(port, args.per_address, result, args.attacks,
+                                                                             frame_limit(args.serve_args)))
     attacker.start()
     await asyncio.gather(*tasks)
     rec.cpu_s["attacked"] = cpu_seconds(pid) - cpu1
+    rec.attacker_cpu_s = cpu_seconds(attacker.pid)  # the attackers share the machine's CPUs on loopback
     os.kill(attacker.pid, signal.SIGTERM)
     counts = await asyncio.to_thread(result.get, True, 30)
     attacker.join(10)
@@ -331,8 +353,13 @@ def main() -> int:
                    help="what to serve (default: a tiny random-weights checkpoint recording an 8-D state)")
     p.add_argument("--per-address", type=int, default=8, help="the server's --max-connections-per-address")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--attacks", default=",".join(ATTACKS),
+                   help=f"comma-separated subset of {','.join(ATTACKS)} for the second half (default: all)")
     p.add_argument("serve_args", nargs="*", help="extra `damvla serve` flags (after --)")
     args = p.parse_args()
+    args.attacks = tuple(a for a in args.attacks.split(",") if a)
+    if unknown := set(args.attacks) - set(ATTACKS):
+        p.error(f"--attacks: unknown {sorted(unknown)}; choose from {', '.join(ATTACKS)}")
 
     tmp = tempfile.TemporaryDirectory(prefix="damvla-soak-")
     label = args.checkpoint
@@ -375,7 +402,7 @@ def main() -> int:
         "seconds": args.seconds, "clients": args.clients, "rate_hz": args.rate, "checkpoint": label,
         "cpus": os.cpu_count(), "serve_args": args.serve_args, "server_rss_ready_mb": rss_ready / 1024, "server_peak_rss_mb": peak_kb / 1024,
         "server_rss_5s_after_attacks_mb": rss_after / 1024,
-        "attacks": counts, "phases": {},
+        "attacks_run": list(args.attacks), "frame_limit_mb": frame_limit(args.serve_args) / 2**20, "attacker_cpu_s": rec.attacker_cpu_s, "attacks": counts, "phases": {},
     }
     for phase in ("alone", "attacked"):
         lat, hz = rec.latency[phase], rec.healthz[phase]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -23,7 +24,15 @@ from websockets.sync.client import connect
 
 from damvla.config import preset
 from damvla.serving.protocol import ProtocolError, packb, unpackb
-from damvla.serving.server import BAD_REQUEST_PENALTY, ByteBudget, PolicyServer, RequestError, ServerThread
+from damvla.serving.server import (
+    BAD_REQUEST_PENALTY,
+    CLOSE_TIMEOUT_S,
+    LARGE_FRAME_NICE,
+    ByteBudget,
+    PolicyServer,
+    RequestError,
+    ServerThread,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
 
@@ -401,3 +410,60 @@ def test_a_refused_request_costs_its_sender_the_penalty_times_its_size():
     # the frame itself fits in the burst; the penalty (7 more times its size) does not, nor the next request
     debt = BAD_REQUEST_PENALTY * len(bad) - burst
     assert waits == pytest.approx([debt / (1 << 20), (debt + len(good)) / (1 << 20)])
+
+
+# ---- large frames and closing (the soak's floods) -------------------------------------------------------
+def test_large_frames_are_decoded_on_their_own_low_priority_thread():
+    server = PolicyServer(DoublePolicy(), port=0)
+    threads: list[str] = []
+    prepare = server.prepare
+
+    def recording(message):
+        threads.append(threading.current_thread().name)
+        return prepare(message)
+
+    server.prepare = recording
+    with ServerThread(server) as srv:
+        ws = ws_connect(srv.port)
+        ws.send(packb(obs()))
+        assert isinstance(ws.recv(timeout=10), bytes)
+        ws.send(packb({**obs(), "pad": bytes(3 << 20)}))  # over LARGE_FRAME_BYTES, under the limit
+        assert isinstance(ws.recv(timeout=10), bytes)
+        ws.close()
+    assert threads[0].startswith("damvla-prepare_") and threads[1].startswith("damvla-prepare-large")
+    if sys.platform == "linux":  # nice is per thread there
+        assert LARGE_FRAME_NICE > 0
+
+
+def test_a_peer_that_ignores_the_servers_close_is_dropped_soon_not_read_for_10_s():
+    # websockets reads and discards what a peer sends after the server's close until the peer closes too;
+    # a flooder never does. The server cuts that to CLOSE_TIMEOUT_S (websockets' default is 10 s).
+    with ServerThread(PolicyServer(DoublePolicy(), port=0, first_request_timeout_s=0.3)) as srv:
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+        sock.settimeout(20)
+        t0 = time.monotonic()
+        received = b""
+        while chunk := _recv_or_reset(sock):  # the metadata, the close frame, then EOF or a reset
+            received += chunk
+        sock.close()
+        assert b"first request" in received  # the close frame's reason
+        assert time.monotonic() - t0 < CLOSE_TIMEOUT_S + 4 < 10
+
+
+def _recv_or_reset(sock) -> bytes:
+    try:
+        return sock.recv(1 << 16)
+    except ConnectionResetError:
+        return b""
+
+
+def test_the_client_refuses_a_request_over_the_servers_limit_before_sending_it():
+    from damvla.serving.client import PolicyClient
+
+    with ServerThread(PolicyServer(DoublePolicy(), port=0, max_message_bytes=1 << 20)) as srv:
+        with PolicyClient("127.0.0.1", srv.port) as client:
+            with pytest.raises(ValueError, match="the server takes at most 1.0 MiB.*--max-message-mb"):
+                client.infer({**obs(), "pad": bytes(2 << 20)})
+            assert client.infer(obs())["actions"].shape[0] > 0  # the connection is still open

@@ -359,7 +359,7 @@ def test_serve_cli_arguments_have_safe_defaults():
     p = argparse.ArgumentParser()
     serve.add_arguments(p)
     args = p.parse_args(["ckpt"])
-    assert args.host == "127.0.0.1" and args.port == 8000 and args.max_message_mb == 32.0
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.max_message_mb == 8.0
     assert args.obs_map is None and args.send_tracebacks is False
 
 

@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Api-Key KEY' from clients (default: $DAMVLA_API_KEY; prefer the "
         "variable: a key on the command line is visible to other users in the process list)",
     )
-    parser.add_argument("--max-message-mb", type=float, default=32.0, help="largest request frame in MiB")
+    parser.add_argument("--max-message-mb", type=float, default=8.0,
+                        help="largest request frame in MiB; a larger one closes the connection (default 8: four raw "
+                        "640x480 cameras fit; raise it for more, or send images at the model's size)")  # fmt: skip
     parser.add_argument(
         "--obs-map", default=None, help="observation map as inline JSON or a JSON file (docs/serving.md)"
     )

@@ -93,6 +93,14 @@ class PolicyClient:
         1008) is re-opened once and the request sent again: the server never saw it.
         """
         message = packb(obs)
+        limit = self._metadata.get("max_message_bytes")
+        if isinstance(limit, int) and len(message) > limit:
+            # the server would close the connection (1009) without reading it: say why before sending
+            raise ValueError(
+                f"this request is {len(message) / 2**20:.1f} MiB, the server takes at most {limit / 2**20:.1f} MiB "
+                f"(damvla serve --max-message-mb); send images at the model's size ({self._metadata.get('image_size')} "
+                "px, metadata image_size), or raise the server's limit"
+            )
         try:
             self._ws.send(message)
             reply = self._ws.recv()

@@ -75,7 +75,10 @@ class _QuietHealthChecks(logging.Filter):
 _ws_log = logging.getLogger("damvla.serving.websockets")
 _ws_log.addFilter(_QuietHealthChecks())
 
-DEFAULT_MAX_MESSAGE_BYTES = 32 * 2**20
+# A 224 x 224 LIBERO request (two cameras, state, prompt) is 0.3 MB; four raw 640 x 480 cameras are 3.7 MB.
+# Every frame up to the limit is received whole before it can be judged, and a flood of limit-sized frames
+# from a few connections takes CPU from the model (docs/benchmarks.md, soak): 8 MiB keeps that bounded.
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 2**20
 DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 8
 DEFAULT_FIRST_REQUEST_TIMEOUT_S = 30.0
@@ -100,6 +103,24 @@ RECEIVE_QUEUE = (0, 0)
 # Decoding and resizing threads. Each may hold a frame, its decoded copy and a float image (a few times
 # the frame size), so their number bounds that memory too.
 PREPARE_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Frames above this size (no robot's observation at the model's resolution comes near it; raw multi-camera
+# frames do) are decoded by one thread of their own at a lower CPU priority (Linux): a flood of max-size
+# frames then queues behind itself instead of taking the decoders and the cores from the robots' requests
+# and the model.
+LARGE_FRAME_BYTES = 2 << 20
+# After the server closes a connection (a timeout of ours, or websockets' keepalive ping going unanswered),
+# websockets reads and discards whatever the peer still sends until the peer closes too, or until this many
+# seconds pass. A well-behaved client answers a close within milliseconds; a flooder never does, and with
+# websockets' default of 10 s it could push gigabytes through the server's socket at loopback speed.
+CLOSE_TIMEOUT_S = 1.0
+LARGE_FRAME_NICE = 10
+
+
+def _lower_thread_priority() -> None:
+    """Thread initializer of the large-frame decoder: nice this thread only (Linux threads have their own
+    nice value; elsewhere nothing changes)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_FRAME_NICE)
 HEAD_NAMES = ("arm", "gripper")
 
 
@@ -355,6 +376,9 @@ class PolicyServer:
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="damvla-infer")
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=PREPARE_WORKERS, thread_name_prefix="damvla-prepare"
+        )
+        self._large_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="damvla-prepare-large", initializer=_lower_thread_priority
         )
         self._server: Server | None = None
         self._stop: asyncio.Event | None = None
@@ -645,7 +669,8 @@ class PolicyServer:
                     )
                 else:
                     try:
-                        batch = await loop.run_in_executor(self._prepare_pool, self.prepare, message)
+                        pool = self._large_pool if size > LARGE_FRAME_BYTES else self._prepare_pool
+                        batch = await loop.run_in_executor(pool, self.prepare, message)
                         t1 = time.perf_counter()
                         reply = await self._infer(batch)
                     except RequestError as e:
@@ -683,6 +708,7 @@ class PolicyServer:
             compression=None,  # openpi's choice: payloads are already-compact arrays, deflate costs latency
             max_size=self.max_message_bytes,
             max_queue=RECEIVE_QUEUE,
+            close_timeout=CLOSE_TIMEOUT_S,
             process_request=self._process_request,
             logger=_ws_log,
         ) as server:
@@ -707,6 +733,7 @@ class PolicyServer:
         finally:
             self._infer_pool.shutdown(wait=False, cancel_futures=True)
             self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+            self._large_pool.shutdown(wait=False, cancel_futures=True)
 
     def stop(self) -> None:
         """Stop listening; safe to call from any thread."""
