@@ -26,7 +26,6 @@ from damvla.config import preset
 from damvla.serving.protocol import ProtocolError, packb, unpackb
 from damvla.serving.server import (
     BAD_REQUEST_PENALTY,
-    CLOSE_TIMEOUT_S,
     LARGE_FRAME_NICE,
     ByteBudget,
     PolicyServer,
@@ -416,10 +415,13 @@ def test_a_refused_request_costs_its_sender_the_penalty_times_its_size():
 def test_large_frames_are_decoded_on_their_own_low_priority_thread():
     server = PolicyServer(DoublePolicy(), port=0)
     threads: list[str] = []
+    nice: list[int] = []
     prepare = server.prepare
 
     def recording(message):
         threads.append(threading.current_thread().name)
+        if sys.platform == "linux":  # nice is per thread there
+            nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return prepare(message)
 
     server.prepare = recording
@@ -431,8 +433,8 @@ def test_large_frames_are_decoded_on_their_own_low_priority_thread():
         assert isinstance(ws.recv(timeout=10), bytes)
         ws.close()
     assert threads[0].startswith("damvla-prepare_") and threads[1].startswith("damvla-prepare-large")
-    if sys.platform == "linux":  # nice is per thread there
-        assert LARGE_FRAME_NICE > 0
+    if nice:
+        assert nice[1] == min(19, nice[0] + LARGE_FRAME_NICE)
 
 
 def test_a_peer_that_ignores_the_servers_close_is_dropped_soon_not_read_for_10_s():
@@ -449,7 +451,7 @@ def test_a_peer_that_ignores_the_servers_close_is_dropped_soon_not_read_for_10_s
             received += chunk
         sock.close()
         assert b"first request" in received  # the close frame's reason
-        assert time.monotonic() - t0 < CLOSE_TIMEOUT_S + 4 < 10
+        assert time.monotonic() - t0 < 6  # websockets' default close timeout alone is 10 s
 
 
 def _recv_or_reset(sock) -> bytes:

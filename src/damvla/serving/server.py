@@ -117,10 +117,11 @@ LARGE_FRAME_NICE = 10
 
 
 def _lower_thread_priority() -> None:
-    """Thread initializer of the large-frame decoder: nice this thread only (Linux threads have their own
-    nice value; elsewhere nothing changes)."""
+    """Thread initializer of the large-frame decoder: ``LARGE_FRAME_NICE`` more nice than the server, this
+    thread only (Linux threads have their own nice value; elsewhere nothing changes)."""
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_FRAME_NICE)
+        tid = threading.get_native_id()  # relative to the server's own nice value
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LARGE_FRAME_NICE))
 HEAD_NAMES = ("arm", "gripper")
 
 
