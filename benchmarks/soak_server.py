@@ -125,6 +125,8 @@ class Record:
         self.rss_kb: dict[str, int] = {"alone": 0, "attacked": 0}
         self.cpu_s: dict[str, float] = {"alone": 0.0, "attacked": 0.0}
         self.phase = "alone"
+        self.phase_start = {"alone": time.monotonic()}
+        self.when: dict[str, list[float]] = {"alone": [], "attacked": []}  # seconds into the phase, per latency
         self.attacker_cpu_s = 0.0
 
 
@@ -153,6 +155,7 @@ async def good_client(i: int, port: int, rate: float, stop: float, rec: Record) 
             answer = unpackb(reply, limits=None)
             assert answer["actions"].shape[0] > 0
             rec.latency[phase].append((time.perf_counter() - t0) * 1e3)
+            rec.when[phase].append(time.monotonic() - rec.phase_start[phase])
             rec.batch_size[phase].append(int(answer["policy_timing"].get("batch_size", 1)))
         except Exception as e:  # noqa: BLE001 - every failure of a good client is a finding
             rec.errors[phase].append(f"{type(e).__name__}: {e}"[:200])
@@ -200,6 +203,12 @@ def raw_frame(payload: bytes) -> bytes:
     return b"\x82" + size + b"\x00\x00\x00\x00" + payload
 
 
+class UpgradeRefused(Exception):
+    def __init__(self, status: str) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 async def raw_connect(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     key = base64.b64encode(os.urandom(16)).decode()
@@ -210,8 +219,13 @@ async def raw_connect(port: int, source: str) -> tuple[asyncio.StreamReader, asy
         pass
     if b" 101 " not in status:
         writer.close()
-        raise ConnectionRefusedError(status.decode(errors="replace").strip())
+        raise UpgradeRefused(status.split()[1].decode(errors="replace") if len(status.split()) > 1 else "?")
     return reader, writer
+
+
+def refused(counts: dict, status: object) -> None:
+    """An attacker's connection refused at the upgrade: 503 (connection limits) or 429 (byte budget)."""
+    counts[f"refused_http_{status}"] = counts.get(f"refused_http_{status}", 0) + 1
 
 
 async def attack_frames(port: int, source: str, frame: bytes, counts: dict, name: str) -> None:
@@ -219,8 +233,8 @@ async def attack_frames(port: int, source: str, frame: bytes, counts: dict, name
     while True:
         try:
             reader, writer = await raw_connect(port, source)
-        except ConnectionRefusedError:
-            counts["refused_503"] += 1
+        except UpgradeRefused as e:
+            refused(counts, e.status)
             await asyncio.sleep(1.0)
             continue
         except OSError:
@@ -254,8 +268,8 @@ async def attack_idle(port: int, source: str, counts: dict) -> None:
             counts["idle_opened"] += 1
             await ws.wait_closed()  # answers pings, sends nothing
             counts["idle_closed_by_server"] += 1
-        except websockets.InvalidStatus:
-            counts["refused_503"] += 1
+        except websockets.InvalidStatus as e:
+            refused(counts, e.response.status_code)
             await asyncio.sleep(1.0)
         except (OSError, websockets.ConnectionClosed):
             await asyncio.sleep(0.5)
@@ -277,8 +291,8 @@ async def attack_invalid(port: int, source: str, counts: dict) -> None:
                     reply = await ws.recv()
                     counts["invalid_refused" if isinstance(reply, str) else "invalid_accepted"] += 1
                     await asyncio.sleep(0.2)
-        except websockets.InvalidStatus:
-            counts["refused_503"] += 1
+        except websockets.InvalidStatus as e:
+            refused(counts, e.response.status_code)
             await asyncio.sleep(1.0)
         except (OSError, websockets.ConnectionClosed):
             await asyncio.sleep(0.5)
@@ -290,7 +304,7 @@ ATTACKS = ("bomb", "idle", "buffer", "invalid")
 def attacker_main(port: int, per_address: int, result: mp.Queue, attacks: tuple[str, ...], limit: int) -> None:
     counts: dict[str, int] = {k: 0 for k in (
         "bomb_frames_sent", "bomb_refused", "bomb_closed", "idle_opened", "idle_closed_by_server",
-        "buffer_frames_sent", "buffer_closed", "invalid_refused", "invalid_accepted", "refused_503")}
+        "buffer_frames_sent", "buffer_closed", "invalid_refused", "invalid_accepted")}
     bomb = raw_frame(bomb_frame(limit))
     buffer = raw_frame(packb({"pad": bytes(limit // 16 * 15)}))
 
@@ -322,7 +336,7 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 async def soak(args: argparse.Namespace, port: int, pid: int) -> tuple[Record, dict]:
     rec = Record()
-    start = time.monotonic()
+    start = rec.phase_start["alone"] = time.monotonic()
     half, stop = start + args.seconds / 2, start + args.seconds
     tasks = [asyncio.create_task(good_client(i, port, args.rate, stop, rec)) for i in range(args.clients)]
     tasks += [asyncio.create_task(healthz_prober(port, stop, rec)), asyncio.create_task(rss_monitor(pid, stop, rec))]
@@ -330,6 +344,7 @@ async def soak(args: argparse.Namespace, port: int, pid: int) -> tuple[Record, d
     await asyncio.sleep(max(0.0, half - time.monotonic()))
     cpu1 = cpu_seconds(pid)
     rec.cpu_s["alone"] = cpu1 - cpu0
+    rec.phase_start["attacked"] = time.monotonic()
     rec.phase = "attacked"
     result = mp.get_context("spawn").Queue()
     attacker = mp.get_context("spawn").Process(target=attacker_main, args=(port, args.per_address, result, args.attacks,
@@ -415,6 +430,9 @@ def main() -> int:
             "peak_rss_mb": rec.rss_kb[phase] / 1024,
             "mean_batch_size": float(np.mean(rec.batch_size[phase])) if rec.batch_size[phase] else None,
             "server_cpu_s": rec.cpu_s[phase], "wall_s": args.seconds / 2,
+            # when the tail happened: a burst shows as many slow replies at one moment
+            "slowest": [{"at_s": round(t, 2), "ms": round(ms, 1)} for ms, t in
+                        sorted(zip(lat, rec.when[phase]), reverse=True)[:2 * max(1, len(lat) // 100)]],
         }
     a, b = out["phases"]["alone"], out["phases"]["attacked"]
     out["acceptance"] = {

@@ -105,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "proxy's address (default 8)")  # fmt: skip
     parser.add_argument("--max-mb-per-second", type=float, default=32.0, metavar="MIB",
                         help="average request MiB/s one client address may send (bursts of one largest frame "
-                        "pass at once); beyond it the server stops reading from that address for a while, so "
+                        "pass at once), counted as the bytes arrive; beyond it the server stops reading from that "
+                        "address and answers its new connections 429 until the average is back within the rate, so "
                         "TCP back-pressure slows the sender; 0: no limit (default 32)")  # fmt: skip
     parser.add_argument("--first-request-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="close a connection that sends no request this long after connecting; 0: never "

@@ -17,10 +17,11 @@ checked before it is decoded (``protocol.DecodeLimits``); at most ``max_connecti
 ``max_connections_per_address`` from one address, counted from the HTTP upgrade request on; a connection
 that sends no request within ``first_request_timeout_s``, or none for ``idle_timeout_s`` after its last
 reply, is closed (code 1008); one frame at most waits behind the one being served, so a connection holds
-about two frames of memory; each address may send ``max_bytes_per_second`` on average (``ByteBudget``; a
-refused request counts ``BAD_REQUEST_PENALTY`` times its size):
-beyond it the server stops reading that client's socket for a while, so TCP back-pressure, not the server's
-CPU, absorbs a flood of large frames; prompts and states are checked against what the checkpoint can take.
+about two frames of memory; each address may send ``max_bytes_per_second`` on average (``ByteBudget``,
+charged as the bytes arrive; a refused request counts ``BAD_REQUEST_PENALTY`` times its size): beyond it
+the server stops reading that address's sockets until it has paid, so TCP back-pressure, not the server's
+CPU, absorbs a flood of large frames, and a new connection from it is answered 429; prompts and states are
+checked against what the checkpoint can take.
 """
 
 from __future__ import annotations
@@ -274,6 +275,12 @@ class ByteBudget:
         self._state[address] = (tokens, now)
         return max(0.0, -tokens / self.rate)
 
+    def debt_s(self, address: str) -> float:
+        """Seconds until ``address`` is out of debt (0: it may send now)."""
+        if address not in self._state:
+            return 0.0
+        return max(0.0, -self._tokens(address, self.clock()) / self.rate)
+
     def forget_settled(self) -> None:
         """Drop the addresses whose budget is full again (bounds the table under many addresses)."""
         now = self.clock()
@@ -282,6 +289,53 @@ class ByteBudget:
 
     def __len__(self) -> int:
         return len(self._state)
+
+
+class MeteredConnection(ServerConnection):
+    """A websockets server connection whose received bytes are charged to its address's ``ByteBudget`` as
+    they arrive, before websockets parses them. While the address is in debt the socket is not read at all
+    (``pause_reading``), so a flood is held back by TCP in the sender's buffers instead of being received,
+    unmasked and judged by the server's event loop, which also answers every other client: charging after
+    a frame had been served let each new connection of a flooder push one or two limit-sized frames through
+    before it paid, and in the soak those arrival bursts were what delayed the robots.
+
+    websockets pauses and resumes the same transport for its own receive queue (``max_queue``); if it
+    resumes reading while the address is still in debt, the next bytes to arrive pause it again."""
+
+    server_owner: PolicyServer  # set by PolicyServer's connection factory
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.budget_address = str((transport.get_extra_info("peername") or ("?",))[0])
+        self._release_at: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.server_owner._bytes_arrived(self, len(data))
+        super().data_received(data)
+
+    def hold_reading(self, seconds: float) -> None:
+        """Stop reading this socket; look again at the address's budget in ``seconds``."""
+        if self.transport.is_closing():
+            return
+        self.transport.pause_reading()
+        if self._release_at is None:
+            self._release_at = self.loop.call_later(seconds, self._release)
+
+    def _release(self) -> None:
+        self._release_at = None
+        if self.transport.is_closing():
+            return
+        wait = self.server_owner.byte_budget.debt_s(self.budget_address)
+        if wait > 0:  # charged again meanwhile (a refused request's penalty)
+            self._release_at = self.loop.call_later(wait, self._release)
+        elif not self.recv_messages.paused:  # websockets' own receive queue may want it paused still
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._release_at is not None:
+            self._release_at.cancel()
+            self._release_at = None
+        super().connection_lost(exc)
 
 
 class PolicyServer:
@@ -298,8 +352,9 @@ class PolicyServer:
         max_connections_per_address: of those, from one client address (the TCP peer).
         first_request_timeout_s, idle_timeout_s: close a connection (code 1008) that sends no request this
             long after connecting, or after its last reply; ``None`` or 0 disables either.
-        max_bytes_per_second: average request bytes one address may send (burst: one largest frame plus a
-            second's worth); beyond it the server pauses reading from that address. ``None`` or 0: no limit.
+        max_bytes_per_second: average bytes one address may send (burst: one largest frame); beyond it the
+            server pauses reading from that address and refuses its new connections (429) until it has
+            paid. ``None`` or 0: no limit.
         max_batch: requests that waited for the model are served by one call of up to this many rows; 1
             serves them one by one, as openpi does.
     """
@@ -355,7 +410,7 @@ class PolicyServer:
         self._per_address: dict[str, int] = {}
         self._releases: set[asyncio.Task] = set()
         self.byte_budget = (
-            ByteBudget(max_bytes_per_second, max_message_bytes + max_bytes_per_second) if max_bytes_per_second else None
+            ByteBudget(max_bytes_per_second, max_message_bytes) if max_bytes_per_second else None
         )
         self._sleep = asyncio.sleep  # the throttle's wait (tests record it instead of waiting)
         camera = self.config.vision.camera
@@ -537,6 +592,16 @@ class PolicyServer:
                     http.HTTPStatus.UNAUTHORIZED, "401 Unauthorized: send 'Authorization: Api-Key <key>'\n"
                 )
         address = _client_address(connection)
+        if self.byte_budget is not None and (debt := self.byte_budget.debt_s(address)) > 0:
+            retry = max(1, int(debt + 0.999))
+            log.warning("refused %s: over its byte budget for %.1f s more (--max-mb-per-second)",
+                        connection.remote_address, debt)  # fmt: skip
+            response = connection.respond(
+                http.HTTPStatus.TOO_MANY_REQUESTS,
+                f"429 Too Many Requests: {address} sent more than the server's byte rate allows; retry in {retry} s\n",
+            )
+            response.headers["Retry-After"] = str(retry)
+            return response
         if self._connections >= self.max_connections:
             log.warning("refused %s: %d connections open (--max-connections)", connection.remote_address,
                         self._connections)  # fmt: skip
@@ -599,14 +664,26 @@ class PolicyServer:
             await ws.close(CloseCode.POLICY_VIOLATION, reason)
             return None
 
-    async def _throttle(self, address: str, nbytes: int) -> None:
-        """Charge ``nbytes`` to ``address``'s byte budget and wait out any debt. Nothing more is read from
-        the connection meanwhile (at most the one frame the receive queue holds), so the sender meets TCP
-        back-pressure."""
+    def _bytes_arrived(self, connection: MeteredConnection, nbytes: int) -> None:
+        """Charge bytes read from ``connection``'s socket; over budget, stop reading it until paid."""
         if self.byte_budget is None:
             return
-        wait = self.byte_budget.charge(address, nbytes)
+        wait = self.byte_budget.charge(connection.budget_address, nbytes)
         if wait > 0:
+            log.debug("not reading %s for %.2f s (--max-mb-per-second)", connection.budget_address, wait)
+            connection.hold_reading(wait)
+
+    async def _throttle(self, ws: ServerConnection, address: str, penalty_bytes: int) -> None:
+        """Charge a refused request's penalty, then wait out the address's debt (its sockets are not read
+        meanwhile). Called before serving a frame and after answering one."""
+        if self.byte_budget is None:
+            return
+        if penalty_bytes:
+            self.byte_budget.charge(address, penalty_bytes)
+        wait = self.byte_budget.debt_s(address)
+        if wait > 0:
+            if isinstance(ws, MeteredConnection):
+                ws.hold_reading(wait)
             log.debug("throttling %s for %.2f s (--max-mb-per-second)", address, wait)
             await self._sleep(wait)
 
@@ -662,6 +739,7 @@ class PolicyServer:
             await ws.send(packb(self.metadata))
             while (message := await self._next_message(ws, first)) is not None:
                 first, size, refused, batch = False, len(message), True, None
+                await self._throttle(ws, address, 0)  # a frame that arrived in debt waits until it is paid
                 t0 = time.perf_counter()
                 if isinstance(message, str):
                     await self._send_error(
@@ -690,14 +768,19 @@ class PolicyServer:
                             reply["server_timing"]["prev_total_ms"] = prev_total_ms
                         await ws.send(packb(reply))
                         prev_total_ms = (time.perf_counter() - t0) * 1e3
-                # Charged after the answer, with the frame dropped: a throttled connection holds at most the
-                # one frame queued behind this one while it waits.
+                # The frame's bytes were charged as they arrived; a refused one costs the penalty on top. The
+                # wait comes after the answer, with the frame dropped: a throttled connection holds at most
+                # the one frame queued behind this one while it waits.
                 message = batch = None  # noqa: F841
-                await self._throttle(address, size * (BAD_REQUEST_PENALTY if refused else 1))
+                await self._throttle(ws, address, size * (BAD_REQUEST_PENALTY - 1) if refused else 0)
         except websockets.ConnectionClosed:
             pass
         finally:
             log.info("client disconnected: %s", ws.remote_address)
+
+    def _connection_factory(self) -> type[MeteredConnection]:
+        """websockets' ``create_connection``: a :class:`MeteredConnection` that charges this server's budget."""
+        return type("PolicyServerConnection", (MeteredConnection,), {"server_owner": self})
 
     async def serve(self) -> None:
         """Listen until :meth:`stop` is called (or the task is cancelled)."""
@@ -711,6 +794,7 @@ class PolicyServer:
             max_queue=RECEIVE_QUEUE,
             close_timeout=CLOSE_TIMEOUT_S,
             process_request=self._process_request,
+            create_connection=self._connection_factory(),
             logger=_ws_log,
         ) as server:
             self._server = server
