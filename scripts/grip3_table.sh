@@ -3,6 +3,12 @@
 #
 #   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq; SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
+#   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
+#
+# VARIANT (default grip3): grip3 -- the suite, 52 demonstrations per task (50 train, 2 validation);
+# release -- pick-place-v3 alone, its demonstrations opening the gripper at the goal (2 gripper flips);
+# demos200 -- grip3 with 200 demonstrations per task. Each variant has its own data, run folders, records and
+# table.
 #
 # A row costs 1.5-2 hours on one core, more than a working session can keep a machine, so every piece
 # resumes: the dataset is collected once, training continues from its last checkpoint (`--resume`), the
@@ -16,14 +22,25 @@ set -euo pipefail
 
 DAMVLA=${DAMVLA:-.venv/bin/damvla}
 WORK=${WORK:-/work}
-DATA=$WORK/data/grip3_52
-RECORDS=docs/records/grip3
-TITLE="DAM-VLA vs CogACT on grip3, seeds 0-2: cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit"
 STEPS=9000
+VARIANT=${VARIANT:-grip3}
+case $VARIANT in
+    grip3)
+        SUITE=grip3; DEMOS=52; COLLECT=(); DATA=$WORK/data/grip3_52; TAG=v2
+        TITLE="DAM-VLA vs CogACT on grip3, seeds 0-2: cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
+    release)
+        SUITE=pick-place-v3; DEMOS=52; COLLECT=(--release); DATA=$WORK/data/pick-place_release_52; TAG=v2rel
+        TITLE="DAM-VLA vs CogACT on pick-place with a release at the goal (2 gripper flips): cpu preset, 50 demonstrations, 50 held-out episodes, 300-step limit" ;;
+    demos200)
+        SUITE=grip3; DEMOS=200; COLLECT=(); DATA=$WORK/data/grip3_200; TAG=v2d200
+        TITLE="DAM-VLA on grip3 with 200 demonstrations per task: cpu preset, 50 held-out episodes per task, 300-step limit" ;;
+    *) echo "VARIANT must be grip3, release or demos200, got '$VARIANT'" >&2; exit 2 ;;
+esac
+RECORDS=docs/records/$VARIANT
 
 table() {  # table [ROW SEED EVAL RUN]: every kept record, with ROW/sSEED from its run folders instead
     local runs=() name
-    for rec in "$RECORDS"/*_s*/; do
+    for rec in "$RECORDS"/*_s*/; do  # unmatched: the literal pattern, skipped below
         [ -f "$rec/record.json" ] || continue
         name=$(basename "$rec")
         [ "$name" = "${1:-}_s${2:-}" ] && continue
@@ -31,7 +48,9 @@ table() {  # table [ROW SEED EVAL RUN]: every kept record, with ROW/sSEED from i
     done
     [ $# -eq 4 ] && runs+=(--run "$1/s$2=$3:$4")
     [ ${#runs[@]} -gt 0 ] || { echo "no records in $RECORDS yet" >&2; return 1; }
-    "$DAMVLA" compare "${runs[@]}" --baseline cogact --title "$TITLE" \
+    local baseline=()
+    [[ " ${runs[*]}" == *" cogact/s"* ]] && baseline=(--baseline cogact)
+    "$DAMVLA" compare "${runs[@]}" "${baseline[@]}" --title "$TITLE" \
         --append-results docs/results.md --figures docs/figures --keep-records "$RECORDS"
 }
 
@@ -51,11 +70,12 @@ case $ROW in
     damvla-armq) ABLATION=(); EXTRA=(vision.arm_queries=4) ;;  # the arm head reads 4 patch queries of its own
     *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac
-RUN=$WORK/runs/v2_${ROW}_s${SEED}
-EVAL=$WORK/runs/eval_v2_${ROW}_s${SEED}
+RUN=$WORK/runs/${TAG}_${ROW}_s${SEED}
+EVAL=$WORK/runs/eval_${TAG}_${ROW}_s${SEED}
 
 if [ ! -f "$DATA/meta/info.json" ]; then
-    "$DAMVLA" collect metaworld --suite grip3 --episodes 52 --out "$DATA" --camera corner4 --resolution 128
+    "$DAMVLA" collect metaworld --suite "$SUITE" --episodes $DEMOS --out "$DATA" --camera corner4 --resolution 128 \
+        "${COLLECT[@]}"
 fi
 if [ -f "$RUN/checkpoints/latest" ]; then
     "$DAMVLA" train --resume "$RUN" --steps $STEPS
@@ -69,7 +89,7 @@ if [ -f "$EVAL/results.json" ] && ! grep -q '"complete": false' "$EVAL/results.j
 else
     resume=()
     [ -f "$EVAL/run.json" ] && resume=(--resume)
-    "$DAMVLA" eval "$RUN" --policy checkpoint --suite grip3 --episodes 50 --out "$EVAL" --workers 1 --seed 0 \
+    "$DAMVLA" eval "$RUN" --policy checkpoint --suite "$SUITE" --episodes 50 --out "$EVAL" --workers 1 --seed 0 \
         --videos 1 --plots 3 --device cpu --threads 1 --max-steps 300 "${resume[@]}"
 fi
 table "$ROW" "$SEED" "$EVAL" "$RUN"

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
 case $1 in
-  collect) mkdir -p "$WORK/data/grip3_52/meta"; echo '{}' > "$WORK/data/grip3_52/meta/info.json" ;;
+  collect) out=$(echo "$*" | sed 's/.*--out \\([^ ]*\\).*/\\1/'); mkdir -p "$out/meta"; echo '{}' > "$out/meta/info.json" ;;
   train) mkdir -p "$WORK/runs/x/checkpoints" ;;
   eval) ;;
 esac
@@ -75,3 +75,22 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     assert armq[0].endswith("state_dim=4 vision.arm_queries=4") and "damvla-armq/s0=" in armq[-1]
     with pytest.raises(subprocess.CalledProcessError):
         run("octo", "0")
+
+    # another data recipe: its own data, run folders, records and table; no CogACT row, no --baseline
+    env["VARIANT"] = "release"
+    release = run("damvla", "0")
+    assert [c.split()[0] for c in release] == ["collect", "train", "eval", "compare"]
+    assert "--suite pick-place-v3" in release[0] and release[0].endswith("--release")
+    assert f"--out {work}/data/pick-place_release_52" in release[0]
+    assert f"--dataset {work}/data/pick-place_release_52 --out {work}/runs/v2rel_damvla_s0" in release[1]
+    assert "--suite pick-place-v3" in release[2] and f"--out {work}/runs/eval_v2rel_damvla_s0" in release[2]
+    assert "--keep-records docs/records/release" in release[3] and "--baseline" not in release[3]
+    assert "records/grip3" not in release[3]
+    (repo / "docs" / "records" / "release" / "cogact_s0").mkdir(parents=True)
+    (repo / "docs" / "records" / "release" / "cogact_s0" / "record.json").write_text("{}")
+    assert "--baseline cogact" in run("--table")[0]
+    env["VARIANT"] = "demos200"
+    assert "--episodes 200" in run("damvla", "0")[0]
+    env["VARIANT"] = "mt50"
+    with pytest.raises(subprocess.CalledProcessError):
+        run("damvla", "0")
