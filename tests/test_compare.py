@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from damvla.cli import main
-from damvla.compare import closed_loop_router_agreement, difference_interval
+from damvla.compare import closed_loop_router_agreement, difference_interval, format_difference
 
 
 def test_difference_interval_matches_newcombes_worked_example():
@@ -110,3 +110,9 @@ def test_kept_records_stand_in_for_the_run_folders_and_give_the_same_section(tmp
         shutil.rmtree(tmp_path / d)
     again = compare([f"dam/s0={records / 'dam_s0'}", f"cog/s0={records / 'cog_s0'}"], tmp_path / "b.md")
     assert again == direct
+
+
+def test_a_difference_bound_that_rounds_to_zero_keeps_its_sign_and_one_decimal():
+    assert format_difference(0.04, -0.003, 0.09) == "+4 [-0.3, +9]"
+    assert format_difference(0.0, -0.05, 0.05) == "+0 [-5, +5]"  # an exact zero stays a whole number
+    assert format_difference(0.12, 0.004, 0.2) == "+12 [+0.4, +20]"

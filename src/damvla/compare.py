@@ -135,6 +135,17 @@ def keep_record(run: Run, root: Path) -> Path:
     return dest
 
 
+def format_difference(d: float, lo: float, hi: float) -> str:
+    """``+4 [-0.3, +9]``: percentage points, whole numbers, except a value that would round to a signed zero
+    (``-0``) gets one decimal, so an interval that just reaches below 0 says by how much."""
+
+    def pp(x: float) -> str:
+        text = f"{100 * x:+.0f}"
+        return f"{100 * x:+.1f}" if text in ("+0", "-0") and abs(100 * x) >= 0.05 else text
+
+    return f"{pp(d)} [{pp(lo)}, {pp(hi)}]"
+
+
 def difference_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
     """p1 - p2 with Newcombe's hybrid-score 95% interval (from the two Wilson intervals)."""
     p1, p2 = k1 / n1, k2 / n2
@@ -264,7 +275,7 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
                 a = r.results["overall"] if t == "__all__" else r.results["tasks"][t]
                 b = base.results["overall"] if t == "__all__" else base.results["tasks"][t]
                 d, lo, hi = difference_interval(a["successes"], a["episodes"], b["successes"], b["episodes"])
-                cells.append(f"{100 * d:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]")
+                cells.append(format_difference(d, lo, hi))
             lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     if all("milestones" in r.results["overall"] for r in runs):
         names = list(runs[0].results["overall"]["milestones"])
@@ -332,7 +343,7 @@ def pooled_table(groups: dict[str, list[Run]], tasks: list[str], baseline: str |
             cells = []
             for t in tasks + [None]:
                 d, lo, hi = difference_interval(*_pooled(rs, t), *_pooled(groups[baseline], t))
-                cells.append(f"{100 * d:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]")
+                cells.append(format_difference(d, lo, hi))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if all("milestones" in r.results["overall"] for rs in groups.values() for r in rs):
             names = list(next(iter(groups.values()))[0].results["overall"]["milestones"])
@@ -348,7 +359,7 @@ def pooled_table(groups: dict[str, list[Run]], tasks: list[str], baseline: str |
                     k2 = sum(r.results["overall"]["milestones"].get(m, 0) for r in groups[baseline])
                     n2 = sum(r.results["overall"]["episodes"] for r in groups[baseline])
                     d, lo, hi = difference_interval(k1, n1, k2, n2)
-                    cells.append(f"{k1}/{n1} vs {k2}/{n2}: {100 * d:+.0f} [{100 * lo:+.0f}, {100 * hi:+.0f}]")
+                    cells.append(f"{k1}/{n1} vs {k2}/{n2}: {format_difference(d, lo, hi)}")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
