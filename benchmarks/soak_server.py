@@ -219,7 +219,8 @@ async def raw_connect(port: int, source: str) -> tuple[asyncio.StreamReader, asy
         pass
     if b" 101 " not in status:
         writer.close()
-        raise UpgradeRefused(status.split()[1].decode(errors="replace") if len(status.split()) > 1 else "?")
+        words = status.split()
+        raise UpgradeRefused(words[1].decode(errors="replace") if len(words) > 1 else "?")
     return reader, writer
 
 

@@ -306,7 +306,7 @@ class MeteredConnection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.budget_address = str((transport.get_extra_info("peername") or ("?",))[0])
+        self.budget_address = _client_address(self)
         self._release_at: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
@@ -646,7 +646,7 @@ class PolicyServer:
         except websockets.ConnectionClosed:
             pass
 
-    async def _handler(self, ws: ServerConnection) -> None:
+    async def _handler(self, ws: MeteredConnection) -> None:
         await self._serve_connection(ws)
 
     async def _next_message(self, ws: ServerConnection, first: bool) -> str | bytes | None:
@@ -673,18 +673,17 @@ class PolicyServer:
             log.debug("not reading %s for %.2f s (--max-mb-per-second)", connection.budget_address, wait)
             connection.hold_reading(wait)
 
-    async def _throttle(self, ws: ServerConnection, address: str, penalty_bytes: int) -> None:
+    async def _throttle(self, ws: MeteredConnection, penalty_bytes: int) -> None:
         """Charge a refused request's penalty, then wait out the address's debt (its sockets are not read
         meanwhile). Called before serving a frame and after answering one."""
         if self.byte_budget is None:
             return
         if penalty_bytes:
-            self.byte_budget.charge(address, penalty_bytes)
-        wait = self.byte_budget.debt_s(address)
+            self.byte_budget.charge(ws.budget_address, penalty_bytes)
+        wait = self.byte_budget.debt_s(ws.budget_address)
         if wait > 0:
-            if isinstance(ws, MeteredConnection):
-                ws.hold_reading(wait)
-            log.debug("throttling %s for %.2f s (--max-mb-per-second)", address, wait)
+            ws.hold_reading(wait)
+            log.debug("throttling %s for %.2f s (--max-mb-per-second)", ws.budget_address, wait)
             await self._sleep(wait)
 
     async def _infer(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -729,17 +728,16 @@ class PolicyServer:
                 else:
                     future.set_result(result)
 
-    async def _serve_connection(self, ws: ServerConnection) -> None:
+    async def _serve_connection(self, ws: MeteredConnection) -> None:
         loop = asyncio.get_running_loop()
         log.info("client connected: %s", ws.remote_address)
-        address = _client_address(ws)
         prev_total_ms: float | None = None
         first = True
         try:
             await ws.send(packb(self.metadata))
             while (message := await self._next_message(ws, first)) is not None:
                 first, size, refused, batch = False, len(message), True, None
-                await self._throttle(ws, address, 0)  # a frame that arrived in debt waits until it is paid
+                await self._throttle(ws, 0)  # a frame that arrived in debt waits until it is paid
                 t0 = time.perf_counter()
                 if isinstance(message, str):
                     await self._send_error(
@@ -772,7 +770,7 @@ class PolicyServer:
                 # wait comes after the answer, with the frame dropped: a throttled connection holds at most
                 # the one frame queued behind this one while it waits.
                 message = batch = None  # noqa: F841
-                await self._throttle(ws, address, size * (BAD_REQUEST_PENALTY - 1) if refused else 0)
+                await self._throttle(ws, size * (BAD_REQUEST_PENALTY - 1) if refused else 0)
         except websockets.ConnectionClosed:
             pass
         finally:
