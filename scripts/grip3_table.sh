@@ -7,8 +7,9 @@
 #
 # VARIANT (default grip3): grip3 -- the suite, 52 demonstrations per task (50 train, 2 validation);
 # release -- pick-place-v3 alone, its demonstrations opening the gripper at the goal (2 gripper flips);
-# demos200 -- grip3 with 200 demonstrations per task. Each variant has its own data, run folders, records and
-# table.
+# demos200 -- grip3 with 200 demonstrations per task; workspace -- grip3 rendered by our free "workspace"
+# camera (damvla.envs.metaworld.FREE_CAMERAS) instead of corner4. Each variant has its own data, run folders,
+# records and table.
 #
 # A row costs 1.5-2 hours on one core, more than a working session can keep a machine, so every piece
 # resumes: the dataset is collected once, training continues from its last checkpoint (`--resume`), the
@@ -24,6 +25,7 @@ DAMVLA=${DAMVLA:-.venv/bin/damvla}
 WORK=${WORK:-/work}
 STEPS=9000
 VARIANT=${VARIANT:-grip3}
+CAMERA=corner4
 case $VARIANT in
     grip3)
         SUITE=grip3; DEMOS=52; COLLECT=(); DATA=$WORK/data/grip3_52; TAG=v2
@@ -34,7 +36,10 @@ case $VARIANT in
     demos200)
         SUITE=grip3; DEMOS=200; COLLECT=(); DATA=$WORK/data/grip3_200; TAG=v2d200
         TITLE="DAM-VLA on grip3 with 200 demonstrations per task: cpu preset, 50 held-out episodes per task, 300-step limit" ;;
-    *) echo "VARIANT must be grip3, release or demos200, got '$VARIANT'" >&2; exit 2 ;;
+    workspace)
+        SUITE=grip3; DEMOS=52; COLLECT=(); CAMERA=workspace; DATA=$WORK/data/grip3_ws_52; TAG=v2ws
+        TITLE="DAM-VLA vs CogACT on grip3 seen by the workspace camera (1.5x corner4's scale): cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
+    *) echo "VARIANT must be grip3, release, demos200 or workspace, got '$VARIANT'" >&2; exit 2 ;;
 esac
 RECORDS=docs/records/$VARIANT
 
@@ -74,7 +79,7 @@ RUN=$WORK/runs/${TAG}_${ROW}_s${SEED}
 EVAL=$WORK/runs/eval_${TAG}_${ROW}_s${SEED}
 
 if [ ! -f "$DATA/meta/info.json" ]; then
-    "$DAMVLA" collect metaworld --suite "$SUITE" --episodes $DEMOS --out "$DATA" --camera corner4 --resolution 128 \
+    "$DAMVLA" collect metaworld --suite "$SUITE" --episodes $DEMOS --out "$DATA" --camera "$CAMERA" --resolution 128 \
         "${COLLECT[@]}"
 fi
 if [ -f "$RUN/checkpoints/latest" ]; then

@@ -78,33 +78,60 @@ def test_reset_rejects_a_state_of_another_task(pick_place_env):
         pick_place_env.reset(InitialState("metaworld_v3", "reach-v3", 0, {"rand_vec": [0.0] * 6}))
 
 
-def test_image_is_upright_hand_higher_in_world_is_higher_in_image(pick_place_env):
-    """Segment the gripper with MuJoCo and check that raising the hand moves it up in the image."""
-    env = pick_place_env
-    model, data = env.sim.model, env.sim.data
-    obs = env.reset(env.sample_initial_state(0))
-    assert obs["image"].dtype == np.uint8 and obs["image"].shape == (64, 64, 3)
-    np.testing.assert_array_equal(obs["image"], env.upright(env.render_raw()))
-    np.testing.assert_array_equal(obs["image"], env.render_raw()[::-1, ::-1])  # corner cameras: 180 deg
+@pytest.fixture(scope="module")
+def workspace_env():
+    env = MetaWorldEnv("pick-place-v3", camera="workspace", resolution=64)
+    yield env
+    env.close()
 
-    hand = model.body("hand").id
-    hand_geoms = {g for g in range(model.ngeom) if _descends_from(model, model.geom_bodyid[g], hand)}
-    seg = mujoco.Renderer(model, 64, 64)
+
+def test_image_is_upright_hand_higher_in_world_is_higher_in_image(pick_place_env, workspace_env):
+    """Segment the gripper with MuJoCo and check that raising the hand moves it up in the image."""
+    obs = pick_place_env.reset(pick_place_env.sample_initial_state(0))
+    assert obs["image"].dtype == np.uint8 and obs["image"].shape == (64, 64, 3)
+    np.testing.assert_array_equal(obs["image"], pick_place_env.upright(pick_place_env.render_raw()))
+    np.testing.assert_array_equal(obs["image"], pick_place_env.render_raw()[::-1, ::-1])  # corner cameras: 180 deg
+    for env in (pick_place_env, workspace_env):
+        _check_hand_moves_up_in_image(env)
+
+
+def _segment(env: MetaWorldEnv, bodies: set[int]) -> np.ndarray:
+    """Mask of the pixels showing geoms of ``bodies`` (or their descendants) from the env's camera."""
+    model = env.sim.model
+    geoms = [g for g in range(model.ngeom) if any(_descends_from(model, model.geom_bodyid[g], b) for b in bodies)]
+    seg = mujoco.Renderer(model, env.height, env.width)
     seg.enable_segmentation_rendering()
-    rows = {}
     try:
-        for name, dz in (("low", -1.0), ("high", 1.0)):
-            env.reset(env.sample_initial_state(0))
-            for _ in range(15):
-                env.step(np.array([0, 0, dz, 0, 0, 0, 1], dtype=np.float32))
-            seg.update_scene(data, camera=env.camera)
-            ids = env.upright(seg.render())
-            mask = (ids[..., 1] == mujoco.mjtObj.mjOBJ_GEOM) & np.isin(ids[..., 0], list(hand_geoms))
-            assert mask.any(), f"gripper not visible from {env.camera} ({name})"
-            rows[name] = np.nonzero(mask)[0].mean()
+        seg.update_scene(env.sim.data, camera=env.render_camera)
+        ids = env.upright(seg.render())
     finally:
         seg.close()
-    assert rows["high"] < rows["low"] - 2, rows  # row 0 is the top of an upright image
+    return (ids[..., 1] == mujoco.mjtObj.mjOBJ_GEOM) & np.isin(ids[..., 0], geoms)
+
+
+def test_workspace_camera_shows_the_object_larger_than_corner4(pick_place_env, workspace_env):
+    """The free "workspace" view exists for scale: the same object covers more pixels than in corner4."""
+    state = pick_place_env.sample_initial_state(3)
+    pixels = {}
+    for env in (pick_place_env, workspace_env):
+        env.reset(state)
+        pixels[env.camera] = int(_segment(env, {env.sim.model.body("obj").id}).sum())
+    assert pixels["corner4"] > 0 and pixels["workspace"] >= 1.5 * pixels["corner4"], pixels
+    with pytest.raises(ValueError, match="workspace"):  # the error lists the free cameras too
+        MetaWorldEnv("pick-place-v3", camera="no-such-camera", resolution=32)
+
+
+def _check_hand_moves_up_in_image(env: MetaWorldEnv) -> None:
+    model = env.sim.model
+    rows = {}
+    for name, dz in (("low", -1.0), ("high", 1.0)):
+        env.reset(env.sample_initial_state(0))
+        for _ in range(15):
+            env.step(np.array([0, 0, dz, 0, 0, 0, 1], dtype=np.float32))
+        mask = _segment(env, {model.body("hand").id})
+        assert mask.any(), f"gripper not visible from {env.camera} ({name})"
+        rows[name] = np.nonzero(mask)[0].mean()
+    assert rows["high"] < rows["low"] - 2, (env.camera, rows)  # row 0 is the top of an upright image
 
 
 def _descends_from(model, body: int, ancestor: int) -> bool:

@@ -45,6 +45,13 @@ from damvla.envs.base import (  # noqa: E402
 
 SIMULATOR = "metaworld_v3"
 DEFAULT_CAMERA = "corner4"  # closest fixed view with gripper, object and goal in frame for all 50 tasks
+# Free cameras of our own, by name, beside the model's fixed ones: (lookat xyz [m], distance [m], azimuth
+# [deg], elevation [deg]) for a ``mujoco.MjvCamera``. "workspace" frames the region where Meta-World draws
+# objects and goals (x in [-0.1, 0.1], y in [0.6, 0.9]) from the corner4 side at about 1.5x corner4's scale,
+# so a 5 cm goal tolerance spans more pixels at the same render size (our choice; not a Meta-World camera).
+FREE_CAMERAS: dict[str, tuple[tuple[float, float, float], float, float, float]] = {
+    "workspace": ((0.0, 0.72, 0.15), 0.75, -135.0, -40.0),
+}
 DEFAULT_RESOLUTION = 128
 EVAL_SEED_OFFSET = 1_000_000  # training seeds are [0, EVAL_SEED_OFFSET), evaluation seeds from here on
 RELEASE_HOLD_STEPS = 10  # steps the release variant keeps the gripper open and the arm still
@@ -375,8 +382,16 @@ class MetaWorldEnv(Env):
     # -- rendering --
     def _init_renderer(self) -> None:
         model = self._env.model
-        if mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, self.camera) < 0:
-            names = [model.camera(i).name for i in range(model.ncam)]
+        self._free_camera = None
+        if self.camera in FREE_CAMERAS:
+            lookat, distance, azimuth, elevation = FREE_CAMERAS[self.camera]
+            cam = mujoco.MjvCamera()
+            cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+            cam.lookat[:] = lookat
+            cam.distance, cam.azimuth, cam.elevation = distance, azimuth, elevation
+            self._free_camera = cam
+        elif mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, self.camera) < 0:
+            names = [model.camera(i).name for i in range(model.ncam)] + sorted(FREE_CAMERAS)
             raise ValueError(f"unknown camera {self.camera!r} for {self.task}; expected one of {names}")
         # Shadows, multisampling and reflections cost ~10x the frame time on a CPU (Mesa) renderer and
         # carry nothing a policy needs at 128 px.
@@ -396,7 +411,10 @@ class MetaWorldEnv(Env):
         flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = 0
         # A fixed camera whose "up" axis points below the horizon renders the world upside down (all of
         # Meta-World's corner cameras); rotating by 180 degrees makes it upright without mirroring.
-        # Tracking cameras (gripperPOV, behindGripper) move with the hand, so they are left as they are.
+        # Tracking cameras (gripperPOV, behindGripper) move with the hand, so they are left as they are;
+        # free cameras render upright.
+        if self._free_camera is not None:
+            return
         cam_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, self.camera)
         if model.cam_mode[cam_id] == mujoco.mjtCamLight.mjCAMLIGHT_FIXED:
             mujoco.mj_forward(model, self._env.data)
@@ -407,8 +425,13 @@ class MetaWorldEnv(Env):
         """The renderer's image exactly as MuJoCo returns it, uint8 (H, W, 3) (upside down for corners)."""
         if self._renderer is None:
             raise RuntimeError(f"{self.task}: built with render=False, cannot render")
-        self._renderer.update_scene(self._env.data, camera=self.camera)
+        self._renderer.update_scene(self._env.data, camera=self.render_camera)
         return self._renderer.render()
+
+    @property
+    def render_camera(self) -> Any:
+        """What ``mujoco.Renderer.update_scene`` takes for this env's camera: a name, or a free camera."""
+        return self._free_camera or self.camera
 
     def upright(self, img: np.ndarray) -> np.ndarray:
         """Turn a raw (H, W, ...) render of this env's camera upright (a no-op for upright cameras)."""
