@@ -137,6 +137,13 @@ def test_tiny_checkpoint_eval_writes_consistent_reports_and_repeats_exactly(ckpt
         for name in ("reached", "grasped"):
             assert s["milestones"][name] == sum(e["milestones"][name] for e in eps)
         m = s["milestones"]
+        failed = [e for e in eps if not e["success"]]
+        g = s["goal_distance_failed"]
+        assert g["failed"] == len(failed) and all(e["goal_distance"]["min"] <= e["goal_distance"]["final"] for e in eps)
+        if failed:
+            assert g["median_final_cm"] == round(100 * float(np.median([e["goal_distance"]["final"] for e in failed])), 1)
+        row = f"| {task} | {g['failed']} | {g['median_min_cm'] or '-'} | {g['median_final_cm'] or '-'} |"
+        assert row in (out / "report.md").read_text()
         assert f"| {task} | {m['reached']}/2 | {m['grasped']}/2 | {m['success']}/2 |" in (out / "report.md").read_text()
     ov = res["overall"]
     assert ov["success_rate"] == np.mean([s["success_rate"] for s in res["tasks"].values()])

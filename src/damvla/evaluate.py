@@ -815,6 +815,7 @@ def _results_doc(
     ]
     summary = summarize(records, tasks)
     add_milestones(summary, episodes, tasks)
+    add_goal_distances(summary, episodes, tasks)
     # timing covers this invocation: the episodes it ran (a resumed run's earlier ones ran in another)
     total_steps = sum(e["steps"] for e in episodes if e["key"] in ran)
     cfg = {
@@ -916,6 +917,24 @@ def add_milestones(summary: dict[str, Any], episodes: list[dict[str, Any]], task
     summary["overall"]["milestones"] = total
 
 
+def add_goal_distances(summary: dict[str, Any], episodes: list[dict[str, Any]], tasks: list[str]) -> None:
+    """Per task and overall, over the *failed* episodes: the median closest and final object-to-goal
+    distance [cm] (``Env.step``'s ``goal_distance``). Only where the env reports it."""
+
+    def medians(eps: list[dict[str, Any]]) -> dict[str, Any]:
+        d = [e["goal_distance"] for e in eps if not e["success"] and e.get("goal_distance")]
+        out: dict[str, Any] = {"failed": len(d)}
+        for k in ("min", "final"):
+            out[f"median_{k}_cm"] = round(100 * float(np.median([x[k] for x in d])), 1) if d else None
+        return out
+
+    if not any(e.get("goal_distance") for e in episodes):
+        return
+    for task in tasks:
+        summary["tasks"][task]["goal_distance_failed"] = medians([e for e in episodes if e["task"] == task])
+    summary["overall"]["goal_distance_failed"] = medians(episodes)
+
+
 class _Recorder:
     """Turns each finished episode into its record (video, router plot, ``episodes.jsonl`` line) as it ends."""
 
@@ -959,6 +978,7 @@ class _Recorder:
             "router_weight_mean": float(np.nanmean(w)) if n and np.isfinite(w).any() else None,
             "gripper_head_fraction": float(np.mean(np.asarray(log.head[:n]) == 1)) if n else None,
             "milestones": dict(res.info.get("milestones", {})) if res is not None else {},
+            "goal_distance": res.info.get("goal_distance") if res is not None else None,
             **({"instruction": res.info.get("instruction"), "reset_info": res.info.get("reset_info", {})}
                if self.simpler and res is not None else {}),  # fmt: skip
             "video": None,

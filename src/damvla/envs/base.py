@@ -126,7 +126,10 @@ class Env(abc.ABC):
         """Apply one (7,) action in our layout; returns ``(obs, reward, done, info)`` with
         ``info["success"]`` a bool. Optionally ``info["milestones"]``: {name: bool} task-progress flags of
         this step, in task order (e.g. reached the object, grasped it); evaluation reports how many
-        episodes got at least that far, which says in which phase a policy fails."""
+        episodes got at least that far, which says in which phase a policy fails. Optionally
+        ``info["goal_distance"]``: the distance [m] between the task's object and its goal at this step;
+        evaluation reports how close failed episodes came (a near miss and a policy that never carried the
+        object fail differently)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most simulators need nothing
         """Release renderer / simulator resources."""

@@ -500,6 +500,8 @@ class MetaWorldEnv(Env):
         # Meta-World's own per-step flags: the hand within 3 cm of the object, and its grasp test (for
         # pick tasks: the object held and lifted 2 cm). Each task defines them in its evaluate_state.
         info["milestones"] = {"reached": bool(info.get("near_object", 0.0)), "grasped": bool(info.get("grasp_success", 0.0))}
+        if "obj_to_target" in info:  # each task's own success distance (hand-to-goal for reach tasks)
+            info["goal_distance"] = float(info["obj_to_target"])
         return self._observation(obs), float(reward), self._steps >= self.max_steps, info
 
     def _observation(self, native_obs: np.ndarray) -> Observation:

@@ -86,6 +86,7 @@ class EpisodeResult:
     False and ``steps`` counts the steps done before the failure). ``env_seconds``: wall time the
     worker spent inside ``env.step`` (simulation + rendering), for the steps-per-second figure.
     ``info["milestones"]``: {name: bool}, whether the env's task-progress flag was ever set (see ``Env.step``).
+    ``info["goal_distance"]``: {"min", "final"} object-to-goal distance [m], where the env reports one.
     """
 
     task: str
@@ -164,6 +165,8 @@ class _EnvHost:
             dt = time.perf_counter() - t0
             flags = {str(k): bool(v) for k, v in (info.get("milestones") or {}).items()}
             reply = {"success": bool(info["success"]), "step_s": dt, "milestones": flags}
+            if info.get("goal_distance") is not None:
+                reply["goal_distance"] = float(info["goal_distance"])
             return self._slim(obs), reward, done, {**reply, "instruction": self.env.instruction}
         raise ValueError(f"rollout worker: unknown request {kind!r}")
 
@@ -316,6 +319,7 @@ class _Running:
     env_seconds: float = 0.0
     frames: list[np.ndarray] = field(default_factory=list)
     milestones: dict[str, bool] = field(default_factory=dict)  # each: reached at any step so far
+    goal_distance: dict[str, float] = field(default_factory=dict)  # {"min", "final"} so far
     reset_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -428,6 +432,9 @@ def rollout(
                 r.success = info["success"] if r.spec.success_at_end else (r.success or info["success"])
                 for name, hit in info.get("milestones", {}).items():
                     r.milestones[name] = r.milestones.get(name, False) or hit
+                if "goal_distance" in info:
+                    d = float(info["goal_distance"])
+                    r.goal_distance = {"min": min(r.goal_distance.get("min", d), d), "final": d}
                 if done or (r.success and r.spec.stop_on_success):
                     finish(
                         EpisodeResult(
@@ -440,6 +447,7 @@ def rollout(
                             env_seconds=r.env_seconds,
                             info={
                                 "milestones": dict(r.milestones),
+                                **({"goal_distance": dict(r.goal_distance)} if r.goal_distance else {}),
                                 "instruction": r.instruction,
                                 **({"reset_info": r.reset_info} if r.reset_info else {}),
                             },

@@ -127,6 +127,14 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##", li
         for task, s in [*results["tasks"].items(), ("**all**", ov)]:
             n = s["episodes"]
             lines.append(f"| {task} | " + " | ".join(f"{s['milestones'][k]}/{n}" for k in names) + " |")
+    if "goal_distance_failed" in ov:
+        lines += ["", "How close failed episodes came: the median over failed episodes of the object's closest and "
+                  "final distance to the goal (cm; the simulator's own success distance, e.g. Meta-World's "
+                  "`obj_to_target`).", "", "| task | failed | closest | final |", "|---|---|---|---|"]  # fmt: skip
+        for task, s in [*results["tasks"].items(), ("**all**", ov)]:
+            g = s.get("goal_distance_failed") or {}
+            cells = [g.get("failed", 0), g.get("median_min_cm"), g.get("median_final_cm")]
+            lines.append(f"| {task} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     if links:
         for key, label in (("video", "Videos"), ("plot", "Router plots")):
             media = _media(results, key)
