@@ -142,8 +142,9 @@ def test_tiny_checkpoint_eval_writes_consistent_reports_and_repeats_exactly(ckpt
         assert g["failed"] == len(failed) and all(e["goal_distance"]["min"] <= e["goal_distance"]["final"] for e in eps)
         if failed:
             assert g["median_final_cm"] == round(100 * float(np.median([e["goal_distance"]["final"] for e in failed])), 1)
-        row = f"| {task} | {g['failed']} | {g['median_min_cm'] or '-'} | {g['median_final_cm'] or '-'} |"
-        assert row in (out / "report.md").read_text()
+        cells = [task, *("-" if c is None else str(c) for c in (g["failed"], g["median_min_cm"], g["median_final_cm"]))]
+        assert "| " + " | ".join(cells) + " |" in (out / "report.md").read_text()
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in (out / "index.html").read_text()
         assert f"| {task} | {m['reached']}/2 | {m['grasped']}/2 | {m['success']}/2 |" in (out / "report.md").read_text()
     ov = res["overall"]
     assert ov["success_rate"] == np.mean([s["success_rate"] for s in res["tasks"].values()])

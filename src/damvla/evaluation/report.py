@@ -21,6 +21,22 @@ rerunning the command with the same `--title` replaces its section. Protocol: do
 """
 
 
+GOAL_DISTANCE_NOTE = (
+    "How close failed episodes came: over the failed episodes, the median of the object's closest and final "
+    "distance to its goal, in cm, as the simulator measures it for success"
+)
+
+
+def _goal_distance_rows(results: dict[str, Any], overall: str) -> list[list[str]]:
+    """(task, failed, closest, final) cells per task and overall, '-' where no failure reported one."""
+    rows = []
+    for task, s in [*results["tasks"].items(), (overall, results["overall"])]:
+        g = s.get("goal_distance_failed") or {}
+        cells = [g.get("failed", 0), g.get("median_min_cm"), g.get("median_final_cm")]
+        rows.append([task, *("-" if c is None else str(c) for c in cells)])
+    return rows
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -128,13 +144,9 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##", li
             n = s["episodes"]
             lines.append(f"| {task} | " + " | ".join(f"{s['milestones'][k]}/{n}" for k in names) + " |")
     if "goal_distance_failed" in ov:
-        lines += ["", "How close failed episodes came: the median over failed episodes of the object's closest and "
-                  "final distance to the goal (cm; the simulator's own success distance, e.g. Meta-World's "
-                  "`obj_to_target`).", "", "| task | failed | closest | final |", "|---|---|---|---|"]  # fmt: skip
-        for task, s in [*results["tasks"].items(), ("**all**", ov)]:
-            g = s.get("goal_distance_failed") or {}
-            cells = [g.get("failed", 0), g.get("median_min_cm"), g.get("median_final_cm")]
-            lines.append(f"| {task} | " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+        lines += ["", GOAL_DISTANCE_NOTE + " (`obj_to_target` in Meta-World).", "",
+                  "| task | failed | closest | final |", "|---|---|---|---|"]  # fmt: skip
+        lines += ["| " + " | ".join(cells) + " |" for cells in _goal_distance_rows(results, "**all**")]
     if links:
         for key, label in (("video", "Videos"), ("plot", "Router plots")):
             media = _media(results, key)
@@ -227,6 +239,12 @@ def render_html(results: dict[str, Any], title: str) -> str:
             cls = ' class="overall"' if task == "all" and s is ov else ""
             out.append(f"<tr{cls}><td>{_h(task)}</td>"
                        + "".join(f"<td>{s['milestones'][k]}/{n}</td>" for k in names) + "</tr>")  # fmt: skip
+        out.append("</tbody></table>")
+    if "goal_distance_failed" in ov:
+        out.append(f'<h2>How close failed episodes came</h2><p class="note">{_h(GOAL_DISTANCE_NOTE)}.</p>')
+        out.append('<table id="goal-distance"><thead><tr><th>task</th><th>failed</th><th>closest</th>'
+                   "<th>final</th></tr></thead><tbody>")  # fmt: skip
+        out += ["<tr>" + "".join(f"<td>{_h(c)}</td>" for c in cells) + "</tr>" for cells in _goal_distance_rows(results, "all")]
         out.append("</tbody></table>")
     videos = _media(results, "video")
     if videos:
