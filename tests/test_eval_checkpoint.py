@@ -271,3 +271,29 @@ def test_action_dim_mismatch_is_refused(tmp_path, capsys):
         == 1
     )
     assert "action_dim=6" in capsys.readouterr().err
+
+
+def test_sampling_overrides_replace_the_checkpoints_guidance_and_ddim_steps(ckpt, tmp_path):
+    """--cfg-scale 1 --inference-steps 2: two unguided DDIM steps (one head call each, not two), recorded."""
+    from damvla.evaluate import apply_sampling_overrides
+
+    policy = DAMVLAPolicy.from_pretrained(ckpt).eval()
+    cfg = policy.config
+    assert (cfg.diffusion.cfg_scale, cfg.diffusion.inference_steps) != (1.0, 2)
+    opts = EvalOptions(suite="reach", episodes=1, out=tmp_path / "x", checkpoint=str(ckpt), cfg_scale=1.0, inference_steps=2)
+    apply_sampling_overrides(policy, opts)
+    rows = []
+    hooks = [h.register_forward_hook(lambda _m, i, _o: rows.append(i[0].shape[0])) for h in policy.heads.values()]
+    s = cfg.vision.image_size
+    batch = {"observation.images.image": torch.zeros(3, 3, s, s, dtype=torch.uint8), "task": ["reach the goal"] * 3}
+    if cfg.state_dim:
+        batch["observation.state"] = torch.zeros(3, cfg.state_dim)
+    policy.predict_action_chunk(batch, generator=torch.Generator().manual_seed(0))
+    for h in hooks:
+        h.remove()
+    assert sum(rows) == 2 * 3  # 2 steps, 3 rows, no unconditional half
+    res = run_eval(ckpt, tmp_path / "o", "--cfg-scale", "1", "--inference-steps", "2", "--videos", "0", "--plots", "0")
+    assert res["config"]["cfg_scale"] == 1.0 and res["config"]["inference_steps"] == 2
+    assert "--cfg-scale 1.0 --inference-steps 2" in (tmp_path / "o" / "command.txt").read_text()
+    with pytest.raises(ValueError, match="--policy checkpoint only"):
+        EvalOptions(suite="reach", episodes=1, out=tmp_path / "y", policy="random", cfg_scale=2.0).validate()

@@ -58,6 +58,8 @@ class EvalOptions:
     execution: str | None = None  # None: the checkpoint's config.inference
     execute_steps: int | None = None
     ensemble_horizon: int | None = None
+    cfg_scale: float | None = None  # None: the checkpoint's diffusion.cfg_scale
+    inference_steps: int | None = None  # None: the checkpoint's diffusion.inference_steps (DDIM)
     seed: int = 0  # noise / random-policy seed; initial states do not depend on it
     state_offset: int = 0  # first eval-pool seed index
     initial_states: Path | None = None  # replay the states recorded by an earlier run
@@ -94,6 +96,12 @@ class EvalOptions:
             errs.append(f"--execute-steps must be >= 1, got {self.execute_steps}")
         if self.ensemble_horizon is not None and self.ensemble_horizon < 1:
             errs.append(f"--ensemble-horizon must be >= 1, got {self.ensemble_horizon}")
+        if self.cfg_scale is not None and not self.cfg_scale >= 1.0:
+            errs.append(f"--cfg-scale must be >= 1 (1 turns guidance off), got {self.cfg_scale}")
+        if self.inference_steps is not None and self.inference_steps < 1:
+            errs.append(f"--inference-steps must be >= 1, got {self.inference_steps}")
+        if (self.cfg_scale is not None or self.inference_steps is not None) and self.policy != "checkpoint":
+            errs.append("--cfg-scale / --inference-steps apply to --policy checkpoint only")
         if self.videos < 0:
             errs.append(f"--videos must be >= 0, got {self.videos}")
         if self.plots < -1:
@@ -370,6 +378,8 @@ def canonical_command(opts: EvalOptions) -> str:
         "--execution": opts.execution,
         "--execute-steps": opts.execute_steps,
         "--ensemble-horizon": opts.ensemble_horizon,
+        "--cfg-scale": opts.cfg_scale,
+        "--inference-steps": opts.inference_steps,
         "--state-offset": opts.state_offset or None,
         "--initial-states": opts.initial_states,
         "--camera": opts.camera,
@@ -417,7 +427,17 @@ def _policy_and_env(opts: EvalOptions, tasks: list[str], folder: Path | None = N
         # On a busy CPU one thread is often faster for a small model (no spin-waiting on taken cores).
         torch.set_num_threads(opts.threads)
     policy = DAMVLAPolicy.from_pretrained(folder or opts.checkpoint, device=opts.device)
+    apply_sampling_overrides(policy, opts)
     return policy, check_checkpoint(policy, tasks, opts.camera, opts.resolution)
+
+
+def apply_sampling_overrides(policy: Any, opts: EvalOptions) -> None:
+    """--cfg-scale / --inference-steps replace the checkpoint's sampling settings (its diffusion config,
+    which the sampler reads at every call) for this run; results.json records the values used."""
+    if opts.cfg_scale is not None:
+        policy.config.diffusion.cfg_scale = float(opts.cfg_scale)
+    if opts.inference_steps is not None:
+        policy.config.diffusion.inference_steps = int(opts.inference_steps)
 
 
 def _simpler_policy_and_env(opts: EvalOptions, tasks: list[str], folder: Path | None) -> tuple[Any, EnvSetup]:
@@ -438,6 +458,7 @@ def _simpler_policy_and_env(opts: EvalOptions, tasks: list[str], folder: Path | 
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     policy = DAMVLAPolicy.from_pretrained(folder or opts.checkpoint, device=opts.device)
+    apply_sampling_overrides(policy, opts)
     setup.notes = simpler.check_checkpoint(policy, robot)
     meta, w = policy.metadata, policy.config.weighting
     setup.sigma_lead = float(meta.get("sigma_lead") or w.sigma_lead)
@@ -476,7 +497,7 @@ RUN_FILE = "run.json"  # what a --resume must match, written before the first ep
 # Options an episode's outcome depends on: a --resume must repeat them (workers, threads, timeout, progress,
 # title and --append-results may change).
 RESUME_KEYS = ("suite", "episodes", "policy", "max_steps", "execution", "execute_steps", "ensemble_horizon",
-               "seed", "state_offset", "videos", "plots", "device", "camera", "resolution")  # fmt: skip
+               "cfg_scale", "inference_steps", "seed", "state_offset", "videos", "plots", "device", "camera", "resolution")  # fmt: skip
 # Versions whose change can change an episode: a --resume refuses to mix results across them.
 RESUME_VERSIONS = ("damvla", "torch", "numpy", "mujoco", "metaworld", "gymnasium", "git_commit")
 
@@ -838,6 +859,8 @@ def _results_doc(
             execute_steps=inf.execute_steps,
             ensemble_horizon=inf.ensemble_horizon,
             routing=inf.routing,
+            cfg_scale=policy.config.diffusion.cfg_scale,
+            inference_steps=policy.config.diffusion.inference_steps,
             preset=policy.config.name,
             ablation=asdict(policy.config.ablation),
             checkpoint=str(Path(opts.checkpoint).resolve()),
@@ -1051,6 +1074,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--execute-steps", type=int, default=None, help="chunk mode: actions executed per chunk")
     p.add_argument("--ensemble-horizon", type=int, default=None, help="ensembles: chunks averaged")
+    p.add_argument(
+        "--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: checkpoint's; 1 = off)"
+    )
+    p.add_argument("--inference-steps", type=int, default=None, help="DDIM steps (default: checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="diffusion-noise / random-policy seed (default 0)")
     p.add_argument("--state-offset", type=int, default=0, help="first index into the eval initial-state pool")
     p.add_argument(
@@ -1106,6 +1133,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         execution=args.execution,
         execute_steps=args.execute_steps,
         ensemble_horizon=args.ensemble_horizon,
+        cfg_scale=args.cfg_scale,
+        inference_steps=args.inference_steps,
         seed=args.seed,
         state_offset=args.state_offset,
         initial_states=args.initial_states,
