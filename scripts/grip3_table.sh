@@ -8,7 +8,8 @@
 # VARIANT (default grip3): grip3 -- the suite, 52 demonstrations per task (50 train, 2 validation);
 # release -- pick-place-v3 alone, its demonstrations opening the gripper at the goal (2 gripper flips);
 # demos200 -- grip3 with 200 demonstrations per task; workspace -- grip3 rendered by our free "workspace"
-# camera (damvla.envs.metaworld.FREE_CAMERAS) instead of corner4. Each variant has its own data, run folders,
+# camera (damvla.envs.metaworld.FREE_CAMERAS) instead of corner4; dart -- grip3 collected with `--noise 0.3`
+# (DART: perturbed execution, the expert's labels; damvla.envs.collect). Each variant has its own data, run folders,
 # records and table.
 #
 # A row costs 1.5-2 hours on one core, more than a working session can keep a machine, so every piece
@@ -39,7 +40,10 @@ case $VARIANT in
     workspace)
         SUITE=grip3; DEMOS=52; COLLECT=(); CAMERA=workspace; DATA=$WORK/data/grip3_ws_52; TAG=v2ws
         TITLE="DAM-VLA vs CogACT on grip3 seen by the workspace camera (1.5x corner4's scale): cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
-    *) echo "VARIANT must be grip3, release, demos200 or workspace, got '$VARIANT'" >&2; exit 2 ;;
+    dart)
+        SUITE=grip3; DEMOS=52; COLLECT=(--noise 0.3 --max-tries 250); DATA=$WORK/data/grip3_dart03_52; TAG=v2dart
+        TITLE="DAM-VLA vs CogACT on grip3 with DART demonstrations (executed xyz perturbed, std 0.3; expert labels): cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
+    *) echo "VARIANT must be grip3, release, demos200, workspace or dart, got '$VARIANT'" >&2; exit 2 ;;
 esac
 RECORDS=docs/records/$VARIANT
 

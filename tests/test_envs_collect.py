@@ -119,3 +119,38 @@ def test_recollecting_with_other_settings_names_each_differing_setting_and_both_
     msg = str(e.value)
     assert "--resolution: dataset 32, this command 64" in msg and "--release: dataset True, this command False" in msg
     assert "--camera" not in msg and "--episodes" not in msg  # only what differs
+
+
+def test_dart_noise_perturbs_the_executed_commands_and_records_the_experts(monkeypatch):
+    """--noise: the env executes expert + correlated drift on xyz; the dataset keeps the expert's commands."""
+    executed = []
+    real_step = MetaWorldEnv.step
+
+    def spy(self, action7):
+        executed.append(np.array(action7, dtype=np.float64))
+        return real_step(self, action7)
+
+    monkeypatch.setattr(MetaWorldEnv, "step", spy)
+    job = collect.CollectJob("reach-v3", 3, "corner4", 32, 100, False, 0, noise=0.3)
+    try:
+        first = collect.run_episode(job)
+        steps = len(executed)
+        again = collect.run_episode(job)
+        executed_clean = len(executed)
+        clean = collect.run_episode(collect.CollectJob("reach-v3", 3, "corner4", 32, 100, False, 0))
+    finally:
+        collect._close_worker_env()
+    assert first["success"] and again["success"] and clean["success"]
+    recorded = first["frames"]["action"].astype(np.float64)
+    run = np.stack(executed[:steps])
+    np.testing.assert_array_equal(again["frames"]["action"], first["frames"]["action"])  # seeded: repeats
+    np.testing.assert_array_equal(run[:, 3:], recorded[:, 3:])  # rotation and gripper untouched
+    drift = run[:, :3] - recorded[:, :3]
+    inside = np.abs(run[:, :3]) < 1.0  # where clipping to [-1, 1] did not cut the drift
+    assert np.abs(drift[inside]).mean() > 0.05  # the executed commands were perturbed ...
+    d = drift[:, 0][inside[:, 0]]
+    assert np.corrcoef(d[:-1], d[1:])[0, 1] > 0.5  # ... by a drift correlated over steps, not white noise
+    # Without noise the executed and recorded commands are one and the same.
+    np.testing.assert_array_equal(np.stack(executed[executed_clean:]), clean["frames"]["action"].astype(np.float64))
+    with pytest.raises(ValueError, match="--noise"):
+        collect.collect_metaworld("/nonexistent", "reach", 1, noise=2.0)

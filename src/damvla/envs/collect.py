@@ -48,6 +48,16 @@ class CollectJob:
     max_steps: int | None
     release: bool
     hold_steps: int
+    noise: float = 0.0  # std of the executed xyz perturbation (DART); 0: the expert's own actions
+
+
+# DART-style collection (Laskey et al. 2017, "DART: Noise Injection for Robust Imitation Learning"): the
+# executed xyz command is the expert's plus an AR(1) perturbation, while the dataset records the expert's own
+# command at every visited state. Demonstrations then cover the off-course states a learned policy drifts
+# into, labelled with the closed-loop expert's correction. The noise is correlated over ~10 steps (1 / (1 - rho))
+# because a policy's errors are: independent per-step noise averages out within a few steps (our choice).
+NOISE_CORRELATION = 0.9
+NOISE_STREAM = 0xDA27  # the perturbation's random stream, seeded with the episode's seed
 
 
 # ---- worker side ---------------------------------------------------------------------------------
@@ -87,7 +97,8 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
 
     Returns a dict with ``task, seed, key, success, success_final, steps, initial_state`` and, when
     successful, ``frames``: ``{CAMERA_KEY: uint8 (T, H, W, 3), "observation.state": float32 (T, 4),
-    "action": float32 (T, 7)}``; frame t holds the observation before action t.
+    "action": float32 (T, 7)}``; frame t holds the observation before action t. With ``job.noise`` the
+    executed xyz command is perturbed (``NOISE_CORRELATION``) and ``action`` still holds the expert's.
     """
     from damvla.envs.metaworld import MetaWorldExpert, ReleaseAtSuccess
 
@@ -101,11 +112,18 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
     images, states, actions = [], [], []
     info: dict[str, Any] | None = None
     success, done = False, False
+    rng = np.random.default_rng([job.seed, NOISE_STREAM]) if job.noise > 0 else None
+    drift = np.zeros(3)
     while True:
         a = expert.act(obs, info)
         images.append(obs["image"])
         states.append(obs["state"])
-        actions.append(a)
+        actions.append(a)  # the label: the expert's command, also where the executed one was perturbed
+        if rng is not None:
+            rho = NOISE_CORRELATION
+            drift = rho * drift + np.sqrt(1 - rho**2) * job.noise * rng.standard_normal(3)
+            a = a.copy()
+            a[:3] = np.clip(a[:3] + drift, -1.0, 1.0)
         obs, _, done, info = env.step(a)
         success = success or info["success"]
         # Plain expert: stop at the first success. Release variant: keep going until the hold is over.
@@ -179,7 +197,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 # recipe key -> the command-line option that sets it (for messages)
 RECIPE_FLAGS = {"tasks": "--suite", "episodes_per_task": "--episodes", "camera": "--camera",
                 "resolution": "--resolution", "release": "--release", "max_steps": "--max-steps",
-                "seed_offset": "--seed-offset"}  # fmt: skip
+                "seed_offset": "--seed-offset", "noise": "--noise"}  # fmt: skip
 
 
 def recipe_difference(dataset: dict[str, Any], command: dict[str, Any]) -> str:
@@ -205,12 +223,14 @@ def collect_metaworld(
     max_tries: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    noise: float = 0.0,
 ) -> dict[str, Any]:
     """Collect ``episodes`` successful expert episodes per task of ``suite`` into the dataset ``out``.
 
     Returns a summary ``{"out", "tasks": {task: {"kept", "tried"}}, "episodes", "frames", "seconds"}``.
     Rerunning a finished command is a no-op (the summary then has ``"complete": True``); a finished
-    dataset made with other settings raises ``ValueError`` (unless ``overwrite``).
+    dataset made with other settings raises ``ValueError`` (unless ``overwrite``). ``noise`` > 0 collects
+    DART-style: the executed xyz commands are perturbed, the recorded ones are the expert's.
     """
     from tqdm.auto import tqdm
 
@@ -237,6 +257,8 @@ def collect_metaworld(
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"--noise must be in [0, 1] (action units: 1 = 1 cm per step), got {noise}")
     max_tries = int(max_tries or 2 * episodes + 10)
     if max_tries < episodes:
         raise ValueError(f"--max-tries ({max_tries}) must be >= --episodes ({episodes})")
@@ -244,6 +266,8 @@ def collect_metaworld(
     out = Path(out)
     recipe_key = {"tasks": tasks, "episodes_per_task": episodes, "camera": camera, "resolution": resolution,
                   "release": release, "max_steps": max_steps, "seed_offset": seed_offset}  # fmt: skip
+    if noise > 0:  # recorded only when used: datasets made before the option compare equal
+        recipe_key["noise"] = float(noise)
     if (out / "meta" / "info.json").exists() and not overwrite:
         old = json.loads((out / "meta" / "info.json").read_text()).get("damvla", {}).get("recipe", {})
         if all(old.get(k) == v for k, v in recipe_key.items()):
@@ -276,7 +300,8 @@ def collect_metaworld(
         "release_hold_steps": RELEASE_HOLD_STEPS if release else 0,
         "max_tries": max_tries,
         "seed_pool": f"train seeds [{seed_offset}, {EVAL_SEED_OFFSET}); eval seeds >= {EVAL_SEED_OFFSET}",
-        "expert": "metaworld.policies (gripper binarised)" + (" + release at success" if release else ""),
+        "expert": "metaworld.policies (gripper binarised)" + (" + release at success" if release else "")
+        + (f" + DART noise: executed xyz perturbed by AR(1), rho {NOISE_CORRELATION}, std {noise}" if noise > 0 else ""),
         "episodes_file": EPISODES_FILE,
     }
     extra = {
@@ -325,7 +350,8 @@ def collect_metaworld(
             seeds = range(next_seed[task], next_seed[task] + max(n, 0))
             next_seed[task] += max(n, 0)
             return [
-                CollectJob(task, s, camera, resolution, max_steps, release, RELEASE_HOLD_STEPS) for s in seeds
+                CollectJob(task, s, camera, resolution, max_steps, release, RELEASE_HOLD_STEPS, float(noise))
+                for s in seeds
             ]
 
         queue: deque[CollectJob] = deque(j for t in tasks for j in plan(t))
@@ -429,6 +455,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="time limit per episode (default 500)")
     p.add_argument("--seed-offset", type=int, default=0, help="first training seed (default 0)")
     p.add_argument("--max-tries", type=int, default=None, help="attempts per task (default 2*episodes+10)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="DART: std of a correlated perturbation of the executed xyz commands (action units, "
+                        "e.g. 0.3); the dataset records the expert's unperturbed commands (default 0: off)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset / staging folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -449,6 +478,7 @@ def run(args: argparse.Namespace) -> int:
         max_tries=args.max_tries,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        noise=args.noise,
     )
     if summary.get("complete"):
         return 0
