@@ -154,3 +154,44 @@ def test_dart_noise_perturbs_the_executed_commands_and_records_the_experts(monke
     np.testing.assert_array_equal(np.stack(executed[executed_clean:]), clean["frames"]["action"].astype(np.float64))
     with pytest.raises(ValueError, match="--noise"):
         collect.collect_metaworld("/nonexistent", "reach", 1, noise=2.0)
+
+
+def test_dagger_keeps_policy_driven_episodes_labelled_by_the_expert_after_the_base(tmp_path, monkeypatch):
+    """--policy CKPT --from BASE: BASE's episodes first, then episodes the checkpoint drove (kept although an
+    untrained policy fails), their actions the expert's commands at the states the policy visited."""
+    from damvla.config import preset
+    from damvla.envs.metaworld import MetaWorldExpert, dataset_action_mapping
+    from damvla.model.policy import DAMVLAPolicy
+    from damvla.normalize import ActionNormalizer
+
+    base = tmp_path / "base"
+    collect.collect_metaworld(base, "reach", 2, resolution=32, workers=1, max_steps=80, progress=False)
+    meta = {"camera_keys": ["observation.images.image"],
+            "damvla": {"gripper_index": 6, "action_mapping": dataset_action_mapping(["reach-v3"]),
+                       "recipe": {"camera": "corner4", "resolution": 32, "seeds": {"reach-v3": [0, 1]}}}}  # fmt: skip
+    cfg = preset("tiny")
+    ckpt = DAMVLAPolicy(cfg, ActionNormalizer.identity(cfg.action_dim), meta, load_pretrained=False).save_pretrained(
+        tmp_path / "ckpt"
+    )
+    labels, executed = [], []
+    real_act, real_step = MetaWorldExpert.act, MetaWorldEnv.step
+    monkeypatch.setattr(MetaWorldExpert, "act", lambda self, *a: labels.append(real_act(self, *a)) or labels[-1])
+    monkeypatch.setattr(MetaWorldEnv, "step", lambda self, a: executed.append(np.array(a, np.float32)) or real_step(self, a))
+    out = tmp_path / "dagger"
+    collect.collect_metaworld(out, "reach", 2, workers=1, max_steps=12, policy=ckpt, base=base, progress=False)
+
+    ds, old = LeRobotDatasetReader(out), LeRobotDatasetReader(base)
+    assert ds.num_episodes == 4 and ds.info["damvla"]["recipe"]["policy"] == str(ckpt.resolve())
+    kept = [r for r in collect.load_episode_records(out) if r["kept"]]
+    assert [r["key"] for r in kept] == [f"reach-v3/seed-{s}" for s in range(4)]  # new seeds after the base's
+    for i in range(2):  # the base, copied
+        np.testing.assert_array_equal(ds.episode_actions(i), old.episode_actions(i))
+        a, b = ds.episode_frames(i, collect.CAMERA_KEY), old.episode_frames(i, collect.CAMERA_KEY)
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 3  # re-encoded video
+    for i in (2, 3):
+        assert not kept[i]["success"] and ds.episode(i).length == 12  # failed, kept whole
+    recorded = np.concatenate([ds.episode_actions(i) for i in (2, 3)])
+    np.testing.assert_array_equal(recorded, np.stack(labels).astype(np.float32))  # the expert's labels ...
+    assert not np.allclose(recorded[:, :3], np.stack(executed)[:, :3])  # ... of states the policy drove to
+    with pytest.raises(ValueError, match="--from"):
+        collect.collect_metaworld(tmp_path / "x", "reach", 1, resolution=64, base=base, progress=False)

@@ -49,6 +49,8 @@ class CollectJob:
     release: bool
     hold_steps: int
     noise: float = 0.0  # std of the executed xyz perturbation (DART); 0: the expert's own actions
+    policy: str | None = None  # DAgger: a checkpoint folder whose actions are executed (the expert labels)
+    beta: float = 0.0  # DAgger: per-step probability of executing the expert's command instead
 
 
 # DART-style collection (Laskey et al. 2017, "DART: Noise Injection for Robust Imitation Learning"): the
@@ -60,8 +62,15 @@ NOISE_CORRELATION = 0.9
 NOISE_STREAM = 0xDA27  # the perturbation's random stream, seeded with the episode's seed
 
 
+# DAgger (Ross et al. 2011): a trained policy drives, the expert labels every state it visits, and the
+# episodes are kept whether or not the policy succeeded; training on them together with the demonstrations
+# (``--from``) teaches the corrections from exactly the states the policy drifts into.
+MIX_STREAM = 0xDA66  # the per-step expert/learner choice's random stream, seeded with the episode's seed
+
+
 # ---- worker side ---------------------------------------------------------------------------------
 _WORKER_ENV: Any = None  # (task, camera, resolution, max_steps) -> MetaWorldEnv, one at a time per worker
+_WORKER_POLICY: Any = None  # (checkpoint folder, DAMVLAPolicy): loaded once per worker
 
 
 def _worker_init() -> None:
@@ -92,6 +101,18 @@ def _get_env(job: CollectJob) -> Any:
     return _WORKER_ENV[1]
 
 
+def _get_policy(path: str) -> Any:
+    global _WORKER_POLICY
+    if _WORKER_POLICY is None or _WORKER_POLICY[0] != path:
+        import torch
+
+        from damvla.model.policy import DAMVLAPolicy
+
+        torch.set_num_threads(1)  # one rollout per worker process: the workers already fill the cores
+        _WORKER_POLICY = (path, DAMVLAPolicy.from_pretrained(path).eval())
+    return _WORKER_POLICY[1]
+
+
 def run_episode(job: CollectJob) -> dict[str, Any]:
     """Roll out the scripted expert for ``job`` and return the episode.
 
@@ -99,6 +120,8 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
     successful, ``frames``: ``{CAMERA_KEY: uint8 (T, H, W, 3), "observation.state": float32 (T, 4),
     "action": float32 (T, 7)}``; frame t holds the observation before action t. With ``job.noise`` the
     executed xyz command is perturbed (``NOISE_CORRELATION``) and ``action`` still holds the expert's.
+    With ``job.policy`` (DAgger) the checkpoint's action is executed (the expert's with probability
+    ``job.beta``), ``action`` holds the expert's, and ``frames`` is returned whether or not it succeeded.
     """
     from damvla.envs.metaworld import MetaWorldExpert, ReleaseAtSuccess
 
@@ -114,12 +137,26 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
     success, done = False, False
     rng = np.random.default_rng([job.seed, NOISE_STREAM]) if job.noise > 0 else None
     drift = np.zeros(3)
+    learner = None
+    if job.policy is not None:
+        from damvla.evaluation.executors import CheckpointExecutor
+
+        # Chunked execution and its noise exactly as `damvla eval` runs the checkpoint (seeded per episode).
+        learner = CheckpointExecutor(_get_policy(job.policy), [init.key], seed=job.seed)
+        mix = np.random.default_rng([job.seed, MIX_STREAM])
     while True:
         a = expert.act(obs, info)
         images.append(obs["image"])
         states.append(obs["state"])
         actions.append(a)  # the label: the expert's command, also where the executed one was perturbed
-        if rng is not None:
+        if learner is not None:
+            batch = {"slot": [0], "episode_index": [0], "episode_start": [len(actions) == 1],
+                     "task": [env.instruction], CAMERA_KEY: obs["image"].transpose(2, 0, 1)[None],
+                     "observation.state": obs["state"][None]}  # fmt: skip
+            proposed = learner(batch)[0]  # every step, so the learner's action queue stays in step
+            if mix.random() >= job.beta:
+                a = proposed.astype(np.float64)
+        elif rng is not None:
             rho = NOISE_CORRELATION
             drift = rho * drift + np.sqrt(1 - rho**2) * job.noise * rng.standard_normal(3)
             a = a.copy()
@@ -138,8 +175,9 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
         "steps": len(actions),
         "initial_state": init.to_dict(),
         "frames": None,
+        "policy_driven": job.policy is not None,
     }
-    if success:
+    if success or job.policy is not None:
         out["frames"] = {
             CAMERA_KEY: np.stack(images),
             "observation.state": np.stack(states).astype(np.float32),
@@ -197,7 +235,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 # recipe key -> the command-line option that sets it (for messages)
 RECIPE_FLAGS = {"tasks": "--suite", "episodes_per_task": "--episodes", "camera": "--camera",
                 "resolution": "--resolution", "release": "--release", "max_steps": "--max-steps",
-                "seed_offset": "--seed-offset", "noise": "--noise"}  # fmt: skip
+                "seed_offset": "--seed-offset", "noise": "--noise", "policy": "--policy", "beta": "--beta",
+                "from": "--from"}  # fmt: skip
 
 
 def recipe_difference(dataset: dict[str, Any], command: dict[str, Any]) -> str:
@@ -224,13 +263,19 @@ def collect_metaworld(
     overwrite: bool = False,
     progress: bool = True,
     noise: float = 0.0,
+    policy: str | Path | None = None,
+    beta: float = 0.0,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Collect ``episodes`` successful expert episodes per task of ``suite`` into the dataset ``out``.
 
     Returns a summary ``{"out", "tasks": {task: {"kept", "tried"}}, "episodes", "frames", "seconds"}``.
     Rerunning a finished command is a no-op (the summary then has ``"complete": True``); a finished
     dataset made with other settings raises ``ValueError`` (unless ``overwrite``). ``noise`` > 0 collects
-    DART-style: the executed xyz commands are perturbed, the recorded ones are the expert's.
+    DART-style: the executed xyz commands are perturbed, the recorded ones are the expert's. ``policy`` (a
+    checkpoint folder) collects DAgger-style: the policy drives (the expert with probability ``beta`` per
+    step), the expert labels, and every episode is kept. ``base`` (a dataset made by this command) is copied
+    in first, so the result aggregates it; new seeds then continue after the base's.
     """
     from tqdm.auto import tqdm
 
@@ -250,8 +295,6 @@ def collect_metaworld(
     )
 
     t_start = time.perf_counter()
-    camera = camera or DEFAULT_CAMERA
-    resolution = int(resolution or DEFAULT_RESOLUTION)
     tasks = resolve_suite(suite)
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
@@ -259,6 +302,24 @@ def collect_metaworld(
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"--noise must be in [0, 1] (action units: 1 = 1 cm per step), got {noise}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"--beta must be in [0, 1], got {beta}")
+    if policy is None and beta:
+        raise ValueError("--beta mixes the expert into a --policy's rollouts: give --policy CHECKPOINT")
+    if policy is not None and noise:
+        raise ValueError("--noise perturbs the expert's rollouts; with --policy the checkpoint drives: use one")
+    if policy is not None:
+        # Load and check it here, once, before any worker: the same checks as `damvla eval`, and the camera
+        # and resolution default to the checkpoint's training data.
+        from damvla.evaluate import check_checkpoint
+        from damvla.model.policy import DAMVLAPolicy, resolve_checkpoint
+
+        policy = resolve_checkpoint(policy).resolve()
+        setup = check_checkpoint(DAMVLAPolicy.from_pretrained(policy), tasks, camera, resolution)
+        camera, resolution = setup.camera, setup.resolution
+    camera = camera or DEFAULT_CAMERA
+    resolution = int(resolution or DEFAULT_RESOLUTION)
+    base_episodes = _base_episodes(Path(base), camera, resolution, tasks) if base is not None else []
     max_tries = int(max_tries or 2 * episodes + 10)
     if max_tries < episodes:
         raise ValueError(f"--max-tries ({max_tries}) must be >= --episodes ({episodes})")
@@ -268,6 +329,10 @@ def collect_metaworld(
                   "release": release, "max_steps": max_steps, "seed_offset": seed_offset}  # fmt: skip
     if noise > 0:  # recorded only when used: datasets made before the option compare equal
         recipe_key["noise"] = float(noise)
+    if policy is not None:
+        recipe_key.update(policy=str(policy), beta=float(beta))
+    if base is not None:
+        recipe_key["from"] = str(Path(base).resolve())
     if (out / "meta" / "info.json").exists() and not overwrite:
         old = json.loads((out / "meta" / "info.json").read_text()).get("damvla", {}).get("recipe", {})
         if all(old.get(k) == v for k, v in recipe_key.items()):
@@ -301,7 +366,8 @@ def collect_metaworld(
         "max_tries": max_tries,
         "seed_pool": f"train seeds [{seed_offset}, {EVAL_SEED_OFFSET}); eval seeds >= {EVAL_SEED_OFFSET}",
         "expert": "metaworld.policies (gripper binarised)" + (" + release at success" if release else "")
-        + (f" + DART noise: executed xyz perturbed by AR(1), rho {NOISE_CORRELATION}, std {noise}" if noise > 0 else ""),
+        + (f" + DART noise: executed xyz perturbed by AR(1), rho {NOISE_CORRELATION}, std {noise}" if noise > 0 else "")
+        + (f"; DAgger: {policy} drives, the expert with p {beta} per step, every episode kept" if policy else ""),
         "episodes_file": EPISODES_FILE,
     }
     extra = {
@@ -324,12 +390,16 @@ def collect_metaworld(
     )
     attempts_path = writer.staging / ATTEMPTS_FILE
     try:
-        done_keys = writer.completed_episodes()
-        log = _read_attempts(attempts_path)
+        base_keys = {row["key"] for row, _ in base_episodes}
+        _copy_base(writer, attempts_path, base_episodes, Path(base) if base is not None else None, progress)
+        done_keys = {k: i for k, i in writer.completed_episodes().items() if k not in base_keys}
+        log = [r for r in _read_attempts(attempts_path) if not r.get("from")]
         logged = {r["key"] for r in log}
         kept = dict.fromkeys(tasks, 0)
         tried = dict.fromkeys(tasks, 0)
         next_seed = dict.fromkeys(tasks, seed_offset)
+        for row, _ in base_episodes:  # new seeds continue after the base's
+            next_seed[row["task"]] = max(next_seed[row["task"]], int(row["seed"]) + 1)
         for r in log:
             if r["task"] in tried:
                 tried[r["task"]] += 1
@@ -350,7 +420,8 @@ def collect_metaworld(
             seeds = range(next_seed[task], next_seed[task] + max(n, 0))
             next_seed[task] += max(n, 0)
             return [
-                CollectJob(task, s, camera, resolution, max_steps, release, RELEASE_HOLD_STEPS, float(noise))
+                CollectJob(task, s, camera, resolution, max_steps, release, RELEASE_HOLD_STEPS, float(noise),
+                           None if policy is None else str(policy), float(beta))  # fmt: skip
                 for s in seeds
             ]
 
@@ -368,7 +439,7 @@ def collect_metaworld(
                 for k in ("key", "task", "seed", "success", "success_final", "steps", "initial_state")
             }
             row["kept"] = False
-            if res["success"] and kept[task] < episodes:
+            if (res["success"] or res["policy_driven"]) and kept[task] < episodes:
                 index = writer.add_episode(res["frames"], task=INSTRUCTIONS[task], key=res["key"])
                 kept[task] += 1
                 row.update(kept=True, episode_index=index)
@@ -429,6 +500,46 @@ def collect_metaworld(
     }
 
 
+def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str]) -> list[tuple[dict[str, Any], int]]:
+    """(attempt-log row, episode index) of every kept episode of the dataset ``base``, checked to match."""
+    from damvla.data.lerobot import LeRobotDatasetReader
+
+    info = json.loads((base / "meta" / "info.json").read_text()) if (base / "meta" / "info.json").is_file() else None
+    if info is None:
+        raise ValueError(f"--from {base}: not a finished dataset (no meta/info.json)")
+    recipe = info.get("damvla", {}).get("recipe", {})
+    for key, want in (("camera", camera), ("resolution", resolution)):
+        if recipe.get(key) != want:
+            raise ValueError(f"--from {base}: its {key} is {recipe.get(key)!r}, this collection's {want!r}")
+    rows = [r for r in load_episode_records(base) if r.get("kept")]
+    other = sorted({r["task"] for r in rows} - set(tasks))
+    if other:
+        raise ValueError(f"--from {base}: it has episodes of {other}, which --suite does not include")
+    n = LeRobotDatasetReader(base).num_episodes
+    if len(rows) != n:
+        raise ValueError(f"--from {base}: its attempt log names {len(rows)} kept episodes, the dataset has {n}")
+    return [(r, int(r["episode_index"])) for r in rows]
+
+
+def _copy_base(writer: Any, attempts_path: Path, episodes: list[tuple[dict[str, Any], int]], base: Path | None,
+               progress: bool) -> None:  # fmt: skip
+    """Copy the base dataset's episodes into ``writer`` (those not there yet: a resumed run skips them)."""
+    if not episodes:
+        return
+    from tqdm.auto import tqdm
+
+    from damvla.data.lerobot import LeRobotDatasetReader
+
+    reader = LeRobotDatasetReader(base)
+    done = writer.completed_episodes()
+    todo = [(r, i) for r, i in episodes if r["key"] not in done]
+    for row, index in tqdm(todo, desc="copy --from", unit="ep", disable=not progress or not todo):
+        frames = reader.episode_arrays(index, ["observation.state", "action"])
+        frames[CAMERA_KEY] = reader.episode_frames(index, CAMERA_KEY)
+        new = writer.add_episode(frames, task=reader.episode(index).tasks[0], key=row["key"])
+        _append_attempt(attempts_path, {**row, "episode_index": new, "from": str(base)})
+
+
 def load_episode_records(root: str | Path) -> list[dict[str, Any]]:
     """The attempt log of a collected dataset (``meta/damvla_episodes.jsonl``): one dict per attempt
     with ``key, task, seed, success, kept, episode_index, initial_state``."""
@@ -458,6 +569,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", type=float, default=0.0,
                    help="DART: std of a correlated perturbation of the executed xyz commands (action units, "
                         "e.g. 0.3); the dataset records the expert's unperturbed commands (default 0: off)")  # fmt: skip
+    p.add_argument("--policy", default=None, metavar="CHECKPOINT",
+                   help="DAgger: this checkpoint drives, the expert labels every visited state, every episode is "
+                        "kept (camera and resolution default to its training data's)")  # fmt: skip
+    p.add_argument("--beta", type=float, default=0.0,
+                   help="DAgger: per-step probability of executing the expert's command instead (default 0)")
+    p.add_argument("--from", dest="base", default=None, metavar="DATASET",
+                   help="copy this dataset's episodes in first (aggregation); new seeds continue after its")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset / staging folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -479,6 +597,9 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         noise=args.noise,
+        policy=args.policy,
+        beta=args.beta,
+        base=args.base,
     )
     if summary.get("complete"):
         return 0
