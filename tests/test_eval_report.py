@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import matplotlib
+import matplotlib.figure
 import numpy as np
 
 from damvla.evaluate import resolved_checkpoint
@@ -142,6 +143,13 @@ def test_loss_curves_have_a_legend_for_raw_and_smoothed_and_a_title(tmp_path, mo
     assert any(t.startswith("raw") for t in texts) and any(t.startswith("smoothed") for t in texts)
     assert figs[0]._suptitle is not None and "my-run" in figs[0]._suptitle.get_text()
     assert "step 29" in figs[0]._suptitle.get_text()
+    # A validation record at the step of the last training record does not hide it (a 2-step run used to
+    # crash here); a file of validation records alone has no training curve to draw.
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 0.5, "lr": 0.001}\n{"step": 2, "val_loss": 0.4}\n')
+    assert plot_losses(run / "metrics.jsonl", run / "loss_curves.png") == run / "loss_curves.png"
+    assert [line.get_ydata()[0] for line in figs[-1].axes[0].get_lines()] == [0.5, 0.5]
+    (run / "metrics.jsonl").write_text('{"step": 2, "val_loss": 0.4}\n')
+    assert plot_losses(run / "metrics.jsonl", run / "loss_curves.png") is None
 
 
 def test_html_report_shows_missing_numbers_as_a_dash():

@@ -186,3 +186,26 @@ def test_arm_queries_give_the_arm_head_patch_tokens_of_its_own_only_where_dam_an
         other = copy.deepcopy(cfg)
         other.ablation = copy.deepcopy(ABLATIONS[ablation])
         assert DAMVLAPolicy(other, ActionNormalizer.identity(cfg.action_dim), load_pretrained=False).arm_queries is None
+
+
+def test_init_from_a_checkpoint_that_references_its_frozen_encoder(tmp_path: Path) -> None:
+    """`train --init` of a checkpoint whose encoder is referenced, not copied: the encoder comes from its
+    pretrained_path (fingerprint checked), every other weight from the checkpoint."""
+    from safetensors.torch import load_file
+
+    ds = write_dataset(tmp_path / "ds", lengths=(8, 7))
+    cfg = apply_overrides(preset("tiny"), SMALL)
+    folder = pretrained_dinov2(tmp_path / "dino", cfg)
+    enc = f"vision.dinov2.pretrained_path={folder}"
+    assert train(ds, tmp_path / "first", enc, steps=2) == 0
+    src = find_checkpoint(tmp_path / "first")
+    assert VISION_REFERENCE in json.loads((src / "metadata.json").read_text())
+    args = ["train", "--init", str(tmp_path / "first"), "--dataset", str(ds), "--steps", "1", "--batch-size", "4",
+            "--warmup", "1", "--lr", "1e-12", "--threads", "1", "--feature-cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "second")]) == 0
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(find_checkpoint(tmp_path / "second") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # a step at lr 1e-12 leaves the loaded weights where they were
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    pretrained_dinov2(folder, cfg, seed=1)  # other weights at the encoder's path
+    assert main([*args, "--out", str(tmp_path / "third")]) != 0

@@ -94,12 +94,13 @@ def plot_losses(jsonl: Path, png: Path, title: str | None = None) -> Path | None
 
     rows = read_metrics(jsonl) if jsonl.is_file() else []
     # A resumed run logs the steps after its checkpoint again: keep the last record of each step.
-    rows = list({r["step"]: r for r in rows if "step" in r}.values())
+    # A validation record shares its step with that step's training record: keep one of each kind.
+    rows = list({(r["step"], "val_loss" in r): r for r in rows if "step" in r}.values())
     rows.sort(key=lambda r: r["step"])
-    if not rows:
-        return None
     keys = [k for k in ("loss", "loss_arm", "loss_gripper", "loss_action", "loss_router", "router_acc", "lr", "grad_norm")
             if any(k in r for r in rows)]  # fmt: skip
+    if not keys:
+        return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), sharex=True, squeeze=False)
     for ax, k in zip(axes[:, 0], keys):
         pts = [(r["step"], r[k]) for r in rows if k in r]

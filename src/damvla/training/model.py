@@ -4,6 +4,7 @@ checkpoint exports (gathered from FSDP shards, EMA weights when EMA is on, LoRA 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from damvla.model.policy import DAMVLAPolicy
+from damvla.model.policy import VISION_REFERENCE, DAMVLAPolicy
+from damvla.model.weights import state_fingerprint
 
 # Parameters the policy's forward never reads (DINOv2's masked-image-modelling token): they would get no
 # gradient, which DDP treats as an error and AdamW as missing state, so they never train.
@@ -161,12 +163,13 @@ def materialize(module: nn.Module, device: torch.device) -> None:
             b.copy_(buffers[n])
 
 
-def load_checkpoint_weights(module: nn.Module, path: str | Path) -> None:
+def load_checkpoint_weights(module: nn.Module, path: str | Path, missing_ok: tuple[str, ...] = ()) -> None:
     """Copy a ``model.safetensors`` into ``module`` one tensor at a time. Parameters sharded by FSDP2
     (DTensors) receive only this rank's shard: a dim-0 shard is one contiguous byte range of the file, and
     each rank reads just that (the OS page cache shares the file between ranks), so no rank ever holds a
     whole tensor it does not keep. The file is read, not memory-mapped, so its pages do not count in the
-    ranks' RSS either."""
+    ranks' RSS either. ``missing_ok``: key prefixes the file may lack (weights the module already holds,
+    e.g. a referenced frozen encoder)."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -174,7 +177,9 @@ def load_checkpoint_weights(module: nn.Module, path: str | Path) -> None:
 
     own = module.state_dict()
     with SafetensorsReader(path) as reader, torch.no_grad():
-        _check_keys(own, reader.shapes(), str(path))
+        shapes = reader.shapes()
+        own = {k: v for k, v in own.items() if k in shapes or not k.startswith(missing_ok)}
+        _check_keys(own, shapes, str(path))
         for k, dst in own.items():
             if isinstance(dst, DTensor):
                 local = dst.to_local()
@@ -212,11 +217,24 @@ def policy_from_checkpoint(
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"--init {path}: no model.safetensors (expected a damvla checkpoint folder)")
+    meta_file = Path(path) / "metadata.json"
+    ref = json.loads(meta_file.read_text()).get(VISION_REFERENCE) if meta_file.is_file() else None
     with skip_init(), parameters_on_meta():
         policy = DAMVLAPolicy(config, normalizer, metadata, load_pretrained=False)
     model = None
     if shard is not None:
         model = shard(policy)
     materialize(policy, device)
-    load_checkpoint_weights(policy, weights)
+    if ref is not None:
+        # The checkpoint references its frozen encoder instead of copying it (DAMVLAPolicy.save_pretrained):
+        # read it from vision.*.pretrained_path, as DAMVLAPolicy.from_pretrained does, and check it is the one.
+        from damvla.model.vision import DualVisionEncoder
+
+        with torch.no_grad():
+            policy.vision.load_state_dict(DualVisionEncoder(config.vision, load_pretrained=True).state_dict())
+        got = state_fingerprint(policy.vision)
+        if got != ref["fingerprint"]:
+            raise ValueError(f"--init {path}: it was trained with a frozen encoder of fingerprint {ref['fingerprint'][:16]}..., "
+                             f"but vision.dinov2.pretrained_path={config.vision.dinov2.pretrained_path!r} holds {got[:16]}...")  # fmt: skip
+    load_checkpoint_weights(policy, weights, missing_ok=("vision.",) if ref is not None else ())
     return policy, model
