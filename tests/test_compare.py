@@ -116,3 +116,30 @@ def test_a_difference_bound_that_rounds_to_zero_keeps_its_sign_and_one_decimal()
     assert format_difference(0.04, -0.003, 0.09) == "+4 [-0.3, +9]"
     assert format_difference(0.0, -0.05, 0.05) == "+0 [-5, +5]"  # an exact zero stays a whole number
     assert format_difference(0.12, 0.004, 0.2) == "+12 [+0.4, +20]"
+
+
+def test_reproduction_commands_name_init_and_the_data_recipe_options(tmp_path):
+    """A fine-tuned run reproduces with --init (no --preset / --ablation); a DAgger or DART dataset with the
+    collect options that made it."""
+    from damvla.compare import _collect_command, _train_command
+
+    _fake_train(tmp_path / "t", 0)
+    ckpt = tmp_path / "t" / "checkpoints" / "step-0000010"
+    assert _train_command(tmp_path / "t").startswith("damvla train --preset cpu --dataset /data/grip3")
+    cfg = json.loads((ckpt / "train_config.json").read_text())
+    cfg["train"]["init"] = "/runs/first/checkpoints/step-0009000"
+    (ckpt / "train_config.json").write_text(json.dumps(cfg))
+    cmd = _train_command(tmp_path / "t")
+    assert cmd.startswith("damvla train --init /runs/first/checkpoints/step-0009000 --dataset /data/grip3")
+    assert "--preset" not in cmd and "--ablation" not in cmd
+    recipe = {"simulator": "metaworld_v3", "suite": "grip3", "episodes_per_task": 10, "camera": "corner4",
+              "resolution": 128, "release": False, "max_steps": 300, "seed_offset": 0, "max_tries": 30,
+              "policy": "/runs/first/checkpoints/step-0009000", "beta": 0.0, "from": "/data/grip3"}  # fmt: skip
+    (ckpt / "metadata.json").write_text(json.dumps({"source": "/data/dagger", "damvla": {"recipe": recipe}}))
+    assert _collect_command(tmp_path / "t") == (
+        "damvla collect metaworld --suite grip3 --episodes 10 --out /data/dagger --camera corner4 --resolution 128 "
+        "--max-steps 300 --policy /runs/first/checkpoints/step-0009000 --from /data/grip3"
+    )
+    recipe.update(policy=None, noise=0.3, max_tries=250, **{"from": None})
+    (ckpt / "metadata.json").write_text(json.dumps({"source": "/data/dart", "damvla": {"recipe": recipe}}))
+    assert _collect_command(tmp_path / "t").endswith("--max-steps 300 --noise 0.3 --max-tries 250")

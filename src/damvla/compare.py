@@ -176,10 +176,12 @@ def _train_command(train_dir: Path, steps: int | None = None) -> str | None:
     if ckpt is None:
         return None
     cfg = json.loads((ckpt / "train_config.json").read_text())["train"]
-    args = ["damvla", "train", "--preset", cfg["preset"], "--dataset", cfg["dataset"], "--out", cfg["out"],
+    # --init takes the architecture from its checkpoint, so neither --preset nor --ablation goes with it.
+    start = ["--init", cfg["init"]] if cfg.get("init") else ["--preset", cfg["preset"]]
+    args = ["damvla", "train", *start, "--dataset", cfg["dataset"], "--out", cfg["out"],
             "--steps", str(steps or cfg["steps"]), "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
             "--warmup", str(cfg["warmup"]), "--schedule", cfg["schedule"], "--seed", str(cfg["seed"])]
-    if cfg.get("ablation"):
+    if cfg.get("ablation") and not cfg.get("init"):
         args += ["--ablation", cfg["ablation"]]
     for key, flag in (("ema", "--ema"), ("val_episodes", "--val-episodes"), ("threads", "--threads")):
         if cfg.get(key):
@@ -200,6 +202,13 @@ def _collect_command(train_dir: Path) -> str | None:
             "--out", meta.get("source", "DATA"), "--camera", recipe["camera"], "--resolution", str(recipe["resolution"])]
     if recipe.get("release"):
         args.append("--release")
+    # Options that change which episodes are kept, or how they were driven (DART, DAgger, aggregation).
+    for key, flag in (("max_steps", "--max-steps"), ("seed_offset", "--seed-offset"), ("noise", "--noise"),
+                      ("policy", "--policy"), ("beta", "--beta"), ("from", "--from")):  # fmt: skip
+        if recipe.get(key):
+            args += [flag, str(recipe[key])]
+    if recipe.get("max_tries") and recipe["max_tries"] != 2 * int(recipe["episodes_per_task"]) + 10:
+        args += ["--max-tries", str(recipe["max_tries"])]
     return shlex.join(args)
 
 
