@@ -4,6 +4,7 @@
 #   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq; SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
+#   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
 #
 # VARIANT (default grip3): grip3 -- the suite, 52 demonstrations per task (50 train, 2 validation);
 # release -- pick-place-v3 alone, its demonstrations opening the gripper at the goal (2 gripper flips);
@@ -24,7 +25,7 @@ set -euo pipefail
 
 DAMVLA=${DAMVLA:-.venv/bin/damvla}
 WORK=${WORK:-/work}
-STEPS=9000
+STEPS=${STEPS:-9000}  # training steps; another value is a table of its own (below)
 VARIANT=${VARIANT:-grip3}
 CAMERA=corner4
 case $VARIANT in
@@ -46,6 +47,10 @@ case $VARIANT in
     *) echo "VARIANT must be grip3, release, demos200, workspace or dart, got '$VARIANT'" >&2; exit 2 ;;
 esac
 RECORDS=docs/records/$VARIANT
+if [ "$STEPS" != 9000 ]; then  # a longer (or shorter) recipe: its own run folders, records and table
+    [[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || { echo "STEPS must be a positive integer, got '$STEPS'" >&2; exit 2; }
+    TAG=${TAG}s$STEPS; RECORDS=$RECORDS-s$STEPS; TITLE="$TITLE, $STEPS training steps"
+fi
 
 table() {  # table [ROW SEED EVAL RUN]: every kept record, with ROW/sSEED from its run folders instead
     local runs=() name

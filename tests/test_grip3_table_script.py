@@ -98,6 +98,15 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     assert f"--out {work}/runs/eval_v2ws_cogact_s1" in workspace[2]
     env["VARIANT"] = "dart"
     assert "--noise 0.3" in run("damvla", "0")[0]
+    env["VARIANT"], env["STEPS"] = "grip3", "18000"
+    longer = run("cogact", "2")
+    assert [c.split()[0] for c in longer] == ["train", "eval", "compare"]  # the grip3 data is there already
+    assert f"--out {work}/runs/v2s18000_cogact_s2 --steps 18000" in longer[0]
+    assert "--keep-records docs/records/grip3-s18000" in longer[2] and "18000 training steps" in longer[2]
+    env["STEPS"] = "lots"
+    with pytest.raises(subprocess.CalledProcessError):
+        run("damvla", "0")
+    del env["STEPS"]
     env["VARIANT"] = "mt50"
     with pytest.raises(subprocess.CalledProcessError):
         run("damvla", "0")
