@@ -504,10 +504,10 @@ def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str]) -
     """(attempt-log row, episode index) of every kept episode of the dataset ``base``, checked to match."""
     from damvla.data.lerobot import LeRobotDatasetReader
 
-    info = json.loads((base / "meta" / "info.json").read_text()) if (base / "meta" / "info.json").is_file() else None
-    if info is None:
+    if not (base / "meta" / "info.json").is_file():
         raise ValueError(f"--from {base}: not a finished dataset (no meta/info.json)")
-    recipe = info.get("damvla", {}).get("recipe", {})
+    reader = LeRobotDatasetReader(base)
+    recipe = reader.info.get("damvla", {}).get("recipe", {})
     for key, want in (("camera", camera), ("resolution", resolution)):
         if recipe.get(key) != want:
             raise ValueError(f"--from {base}: its {key} is {recipe.get(key)!r}, this collection's {want!r}")
@@ -515,7 +515,7 @@ def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str]) -
     other = sorted({r["task"] for r in rows} - set(tasks))
     if other:
         raise ValueError(f"--from {base}: it has episodes of {other}, which --suite does not include")
-    n = LeRobotDatasetReader(base).num_episodes
+    n = reader.num_episodes
     if len(rows) != n:
         raise ValueError(f"--from {base}: its attempt log names {len(rows)} kept episodes, the dataset has {n}")
     return [(r, int(r["episode_index"])) for r in rows]

@@ -411,19 +411,24 @@ class DAMVLAPolicy(nn.Module):
         with skip_init():  # every parameter comes from model.safetensors (or the referenced encoder)
             policy = cls(config, normalizer, metadata, load_pretrained=False, load_vision=ref is not None)
         if ref is not None:
-            got = state_fingerprint(policy.vision)
-            if got != ref["fingerprint"]:
-                raise ValueError(
-                    f"checkpoint {src} was trained with a frozen encoder of fingerprint {ref['fingerprint'][:16]}..., "
-                    f"but the weights at vision.dinov2.pretrained_path={config.vision.dinov2.pretrained_path!r} "
-                    f"have {got[:16]}...: they are different weights"
-                )
+            check_vision_reference(policy, ref, f"checkpoint {src}")
         if (src / "tokenizer").is_dir():
             policy.language.set_tokenizer(HFTokenizer(src / "tokenizer"))
         elif config.language.tokenizer == "byte":
             policy.language.set_tokenizer(ByteTokenizer())
         load_safetensors_into(policy, src / "model.safetensors", missing_ok=("vision.",) if ref is not None else ())
         return policy.to(device)
+
+
+def check_vision_reference(policy: DAMVLAPolicy, ref: dict[str, Any], source: str) -> None:
+    """Raise unless ``policy.vision`` holds the frozen encoder a checkpoint references (its fingerprint)."""
+    got = state_fingerprint(policy.vision)
+    if got != ref["fingerprint"]:
+        raise ValueError(
+            f"{source} was trained with a frozen encoder of fingerprint {ref['fingerprint'][:16]}..., "
+            f"but the weights at vision.dinov2.pretrained_path={policy.config.vision.dinov2.pretrained_path!r} "
+            f"have {got[:16]}...: they are different weights"
+        )
 
 
 def write_policy_files(out: Path, config: PolicyConfig, normalizer: ActionNormalizer, metadata: dict[str, Any],

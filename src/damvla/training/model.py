@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from damvla.model.policy import VISION_REFERENCE, DAMVLAPolicy
-from damvla.model.weights import state_fingerprint
+from damvla.model.policy import VISION_REFERENCE, DAMVLAPolicy, check_vision_reference
 
 # Parameters the policy's forward never reads (DINOv2's masked-image-modelling token): they would get no
 # gradient, which DDP treats as an error and AdamW as missing state, so they never train.
@@ -232,9 +231,6 @@ def policy_from_checkpoint(
 
         with torch.no_grad():
             policy.vision.load_state_dict(DualVisionEncoder(config.vision, load_pretrained=True).state_dict())
-        got = state_fingerprint(policy.vision)
-        if got != ref["fingerprint"]:
-            raise ValueError(f"--init {path}: it was trained with a frozen encoder of fingerprint {ref['fingerprint'][:16]}..., "
-                             f"but vision.dinov2.pretrained_path={config.vision.dinov2.pretrained_path!r} holds {got[:16]}...")  # fmt: skip
+        check_vision_reference(policy, ref, f"--init {path}")
     load_checkpoint_weights(policy, weights, missing_ok=("vision.",) if ref is not None else ())
     return policy, model
