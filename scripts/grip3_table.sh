@@ -9,9 +9,10 @@
 # VARIANT (default grip3): grip3 -- the suite, 52 demonstrations per task (50 train, 2 validation);
 # release -- pick-place-v3 alone, its demonstrations opening the gripper at the goal (2 gripper flips);
 # demos200 -- grip3 with 200 demonstrations per task; workspace -- grip3 rendered by our free "workspace"
-# camera (damvla.envs.metaworld.FREE_CAMERAS) instead of corner4; dart -- grip3 collected with `--noise 0.3`
-# (DART: perturbed execution, the expert's labels; damvla.envs.collect). Each variant has its own data, run folders,
-# records and table.
+# camera (damvla.envs.metaworld.FREE_CAMERAS) instead of corner4; front -- grip3 rendered by our free "front"
+# camera, facing the robot across the table (objects at -x no longer project under the hand's fingers);
+# dart -- grip3 collected with `--noise 0.3` (DART: perturbed execution, the expert's labels;
+# damvla.envs.collect). Each variant has its own data, run folders, records and table.
 #
 # A row costs 1.5-2 hours on one core, more than a working session can keep a machine, so every piece
 # resumes: the dataset is collected once, training continues from its last checkpoint (`--resume`), the
@@ -41,10 +42,13 @@ case $VARIANT in
     workspace)
         SUITE=grip3; DEMOS=52; COLLECT=(); CAMERA=workspace; DATA=$WORK/data/grip3_ws_52; TAG=v2ws
         TITLE="DAM-VLA vs CogACT on grip3 seen by the workspace camera (1.5x corner4's scale): cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
+    front)
+        SUITE=grip3; DEMOS=52; COLLECT=(); CAMERA=front; DATA=$WORK/data/grip3_front_52; TAG=v2front
+        TITLE="DAM-VLA vs CogACT on grip3 seen by the front camera (facing the robot, mirror-symmetric about the hand's start): cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
     dart)
         SUITE=grip3; DEMOS=52; COLLECT=(--noise 0.3 --max-tries 250); DATA=$WORK/data/grip3_dart03_52; TAG=v2dart
         TITLE="DAM-VLA vs CogACT on grip3 with DART demonstrations (executed xyz perturbed, std 0.3; expert labels): cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
-    *) echo "VARIANT must be grip3, release, demos200, workspace or dart, got '$VARIANT'" >&2; exit 2 ;;
+    *) echo "VARIANT must be grip3, release, demos200, workspace, front or dart, got '$VARIANT'" >&2; exit 2 ;;
 esac
 RECORDS=docs/records/$VARIANT
 if [ "$STEPS" != 9000 ]; then  # a longer (or shorter) recipe: its own run folders, records and table

@@ -121,6 +121,30 @@ def test_workspace_camera_shows_the_object_larger_than_corner4(pick_place_env, w
         MetaWorldEnv("pick-place-v3", camera="no-such-camera", resolution=32)
 
 
+def test_front_camera_is_mirror_symmetric_and_larger_than_corner4(pick_place_env):
+    """The free "front" view faces the robot across the table: objects at -x and +x look alike (corner4 puts
+    -x objects under the hand's fingers), both larger than in corner4, and the hand still moves up."""
+    front = MetaWorldEnv("pick-place-v3", camera="front", resolution=64)
+    try:
+        _check_hand_moves_up_in_image(front)
+        obj = front.sim.model.body("obj").id
+        pixels, columns = {}, {}
+        for env in (pick_place_env, front):
+            for x in (-0.1, 0.1):
+                env.reset(InitialState("metaworld_v3", "pick-place-v3", 0, {"rand_vec": [x, 0.65, 0.02, 0.0, 0.85, 0.15]}))
+                mask = _segment(env, {obj})
+                pixels[env.camera, x] = int(mask.sum())
+                columns[env.camera, x] = np.nonzero(mask)[1].mean()
+        assert min(pixels["front", -0.1], pixels["front", 0.1]) >= 2 * max(pixels["corner4", -0.1], pixels["corner4", 0.1]), pixels
+        assert abs(pixels["front", -0.1] - pixels["front", 0.1]) <= 0.15 * pixels["front", 0.1], pixels
+        # Mirror images about the centre column (the hand starts at x = 0, in the middle of the view).
+        centre = (front.width - 1) / 2
+        assert abs((columns["front", -0.1] - centre) + (columns["front", 0.1] - centre)) < 2, columns
+        assert abs(columns["front", -0.1] - columns["front", 0.1]) > front.width / 4, columns
+    finally:
+        front.close()
+
+
 def _check_hand_moves_up_in_image(env: MetaWorldEnv) -> None:
     model = env.sim.model
     rows = {}

@@ -96,6 +96,10 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     workspace = run("cogact", "1")
     assert "--camera workspace" in workspace[0] and f"--out {work}/data/grip3_ws_52" in workspace[0]
     assert f"--out {work}/runs/eval_v2ws_cogact_s1" in workspace[2]
+    env["VARIANT"] = "front"
+    front = run("damvla", "0")
+    assert "--camera front" in front[0] and f"--out {work}/data/grip3_front_52" in front[0]
+    assert "--keep-records docs/records/front" in front[3]
     env["VARIANT"] = "dart"
     assert "--noise 0.3" in run("damvla", "0")[0]
     env["VARIANT"], env["STEPS"] = "grip3", "18000"

@@ -559,7 +559,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--episodes", type=int, required=True, help="successful episodes to keep per task")
     p.add_argument("--out", required=True, help="dataset folder to create (staged in OUT.partial until done)")
-    p.add_argument("--camera", default=None, help="Meta-World camera (default corner4; corner, corner2, ..., or our free \"workspace\" view)")
+    p.add_argument("--camera", default=None, help="Meta-World camera (default corner4; corner, corner2, ..., or our free \"workspace\" and \"front\" views)")
     p.add_argument("--resolution", type=int, default=None, help="square image size in pixels (default 128)")
     p.add_argument("--release", action="store_true", help="open the gripper at success and hold (2 flips)")
     p.add_argument("--workers", type=int, default=2, help="parallel rollout processes (default 2)")

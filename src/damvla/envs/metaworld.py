@@ -49,8 +49,14 @@ DEFAULT_CAMERA = "corner4"  # closest fixed view with gripper, object and goal i
 # [deg], elevation [deg]) for a ``mujoco.MjvCamera``. "workspace" frames the region where Meta-World draws
 # objects and goals (x in [-0.1, 0.1], y in [0.6, 0.9]) from the corner4 side at about 1.5x corner4's scale,
 # so a 5 cm goal tolerance spans more pixels at the same render size (our choice; not a Meta-World camera).
+# "front" looks at the same region from the far side of the table, facing the robot, at about 2.5x corner4's
+# scale: table x runs straight across the image, so the view is mirror-symmetric about the hand's start
+# (x = 0). From corner4 (and "workspace", on the same side) an object at -x projects just under the fingers
+# of the hand's start pose, and grip3 policies trained on corner4 reach such objects far less often
+# (docs/results.md); from the front every object position is separated from the hand by the same margin.
 FREE_CAMERAS: dict[str, tuple[tuple[float, float, float], float, float, float]] = {
     "workspace": ((0.0, 0.72, 0.15), 0.75, -135.0, -40.0),
+    "front": ((0.0, 0.74, 0.11), 0.82, -90.0, -42.0),
 }
 DEFAULT_RESOLUTION = 128
 EVAL_SEED_OFFSET = 1_000_000  # training seeds are [0, EVAL_SEED_OFFSET), evaluation seeds from here on
