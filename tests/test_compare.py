@@ -143,3 +143,42 @@ def test_reproduction_commands_name_init_and_the_data_recipe_options(tmp_path):
     recipe.update(policy=None, noise=0.3, max_tries=250, **{"from": None})
     (ckpt / "metadata.json").write_text(json.dumps({"source": "/data/dart", "damvla": {"recipe": recipe}}))
     assert _collect_command(tmp_path / "t").endswith("--max-steps 300 --noise 0.3 --max-tries 250")
+
+
+def _placed_eval(d, name, outcomes):
+    """An eval folder whose episodes carry Meta-World initial states: outcomes = [(object x, goal z, success)]."""
+    d.mkdir(parents=True)
+    episodes, states = [], []
+    for seed, (x, z, ok) in enumerate(outcomes):
+        episodes.append({"task": "pick-place-v3", "seed": seed, "success": ok, "milestones": {"reached": ok or x > 0}})
+        data = {"obj_init_pos": [x, 0.65, 0.02], "goal_pos": [0.0, 0.85, z]}
+        states.append(json.dumps({"data": data, "seed": seed, "simulator": "metaworld_v3", "task": "pick-place-v3"}))
+    k = sum(o[2] for o in outcomes)
+    res = {"tasks": {"pick-place-v3": {"successes": k, "episodes": len(outcomes), "milestones": {"reached": 0, "success": k}}},
+           "overall": {"successes": k, "episodes": len(outcomes), "milestones": {"reached": 0, "success": k}},
+           "command": f"damvla eval {name}", "episodes": episodes}  # fmt: skip
+    (d / "results.json").write_text(json.dumps(res))
+    (d / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    (d / "initial_states.jsonl").write_text("\n".join(states) + "\n")
+
+
+def test_episodes_are_split_by_where_the_object_starts_and_the_goal_is_pooled_over_seeds(tmp_path):
+    # seed 0: left-side objects (x < 0) all fail; high goals (z >= 0.18) all fail
+    _placed_eval(tmp_path / "s0", "s0", [(-0.1, 0.05, False), (-0.05, 0.1, False), (0.05, 0.1, True), (0.1, 0.31, False)])
+    _placed_eval(tmp_path / "s1", "s1", [(-0.1, 0.31, False), (-0.05, 0.1, True), (0.05, 0.1, True), (0.1, 0.05, True)])
+    page = tmp_path / "results.md"
+    args = ["compare", "--run", f"dam/s0={tmp_path / 's0'}", "--run", f"dam/s1={tmp_path / 's1'}", "--title", "where",
+            "--append-results", str(page), "--figures", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    text = page.read_text()
+    assert "Where in the workspace" in text
+    # object x, pooled: below 1/4, at or above 3/4 (+50); reached: below only where it succeeded, above all
+    assert "| dam | pick-place-v3 | object x = 0 cm | 25% (1/4) [5, 70] | 75% (3/4) [30, 95] | +50" in text
+    assert "| 1/4 / 4/4 |" in text
+    # goal z split at the middle of [0.05, 0.31]: 18 cm; below 4/6, at or above 0/2
+    assert "| dam | pick-place-v3 | goal z = 18 cm | 67% (4/6) [30, 90] | 0% (0/2) [0, 66] | -67" in text
+    # no positions recorded (SIMPLER, or older evaluations): no split table
+    _fake_eval(tmp_path / "plain", "plain", {"push-v3": 3})
+    assert main(["compare", "--run", f"p={tmp_path / 'plain'}", "--title", "plain", "--append-results", str(page),
+                 "--figures", str(tmp_path)]) == 0  # fmt: skip
+    assert page.read_text().count("Where in the workspace") == 1

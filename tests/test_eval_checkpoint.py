@@ -146,6 +146,18 @@ def test_tiny_checkpoint_eval_writes_consistent_reports_and_repeats_exactly(ckpt
         assert "| " + " | ".join(cells) + " |" in (out / "report.md").read_text()
         assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in (out / "index.html").read_text()
         assert f"| {task} | {m['reached']}/2 | {m['grasped']}/2 | {m['success']}/2 |" in (out / "report.md").read_text()
+    # where in the workspace: each varying coordinate of each task split at the middle of its states' range
+    states = {(json.loads(x)["task"], json.loads(x)["seed"]): json.loads(x)["data"]
+              for x in (out / "initial_states.jsonl").read_text().splitlines()}  # fmt: skip
+    for split in res["placement"]:
+        eps = [e for e in res["episodes"] if e["task"] == split["task"]]
+        field, axis = {"object x": ("obj_init_pos", 0), "goal z": ("goal_pos", 2)}[split["coordinate"]]
+        below = [e for e in eps if states[e["task"], e["seed"]][field][axis] < split["threshold_m"]]
+        assert split["episodes"] == [len(below), len(eps) - len(below)] and below and len(below) < len(eps)
+        assert split["successes"][0] == sum(e["success"] for e in below)
+        assert f"| {split['task']} | {split['coordinate']} = " in (out / "report.md").read_text()
+    assert {s["task"] for s in res["placement"]} == set(TASKS)  # both tasks draw their object's x
+    assert 'id="placement"' in (out / "index.html").read_text()
     ov = res["overall"]
     assert ov["success_rate"] == np.mean([s["success_rate"] for s in res["tasks"].values()])
     assert res["seeds"]["initial_state_seeds"] == {t: [1_000_000, 1_000_001] for t in TASKS}

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from damvla.evaluation import placement
 from damvla.evaluation.report import append_section, section_id
-from damvla.evaluation.stats import wilson_interval
+from damvla.evaluation.stats import difference_interval, format_difference, wilson_interval
 from damvla.training.logger import read_metrics
 
 
@@ -133,26 +134,6 @@ def keep_record(run: Run, root: Path) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
-
-
-def format_difference(d: float, lo: float, hi: float) -> str:
-    """``+4 [-0.3, +9]``: percentage points, whole numbers, except a value that would round to a signed zero
-    (``-0``) gets one decimal, so an interval that just reaches below 0 says by how much."""
-
-    def pp(x: float) -> str:
-        text = f"{100 * x:+.0f}"
-        return f"{100 * x:+.1f}" if text in ("+0", "-0") and abs(100 * x) >= 0.05 else text
-
-    return f"{pp(d)} [{pp(lo)}, {pp(hi)}]"
-
-
-def difference_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
-    """p1 - p2 with Newcombe's hybrid-score 95% interval (from the two Wilson intervals)."""
-    p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson_interval(k1, n1)
-    l2, u2 = wilson_interval(k2, n2)
-    d = p1 - p2
-    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
 def closed_loop_router_agreement(episodes: list[dict[str, Any]]) -> float | None:
@@ -298,6 +279,7 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
                 ov = r.results["overall"]
                 lines.append(f"| {r.name} | {name} | " + " | ".join(counts)
                              + f" | {ov['milestones'].get(name, 0)}/{ov['episodes']} |")  # fmt: skip
+    lines += placement_table(runs, groups)
     if figure is not None:
         lines += ["", f"![training curves]({_rel(figure, page_dir)})", "",
                   "Training losses of runs with different ablation switches carry different weights (chunk weight "
@@ -370,6 +352,30 @@ def pooled_table(groups: dict[str, list[Run]], tasks: list[str], baseline: str |
                     d, lo, hi = difference_interval(k1, n1, k2, n2)
                     cells.append(f"{k1}/{n1} vs {k2}/{n2}: {format_difference(d, lo, hi)}")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def placement_table(runs: list[Run], groups: dict[str, list[Run]] | None) -> list[str]:
+    """Success and phase flags split by where the object starts and where the goal is
+    (``damvla.evaluation.placement``), each row pooled over its seeds; [] when the initial states record no
+    positions (SIMPLER) or a run's initial states are missing."""
+    files = [r.eval_dir / "initial_states.jsonl" for r in runs]
+    if not all(f.is_file() for f in files):
+        return []
+    per_run = {r.name: placement.splits(r.episodes, placement.read_initial_states(f)) for r, f in zip(runs, files)}
+    rows = {name: [per_run[r.name] for r in rs] for name, rs in groups.items()} if groups else {n: [s] for n, s in per_run.items()}
+    try:
+        pooled = {name: placement.pooled(g) for name, g in rows.items()}
+    except ValueError:  # seeds of a row evaluated on different initial states: their halves differ
+        return ["", "Where in the workspace: not shown, the seeds of a row were evaluated on different initial states."]
+    if not any(pooled.values()):
+        return []
+    lines = ["", placement.NOTE + (", each row pooled over its seeds." if groups else "."), ""]
+    for name, splits in pooled.items():
+        head, cells = placement.table(splits)
+        if lines[-1] == "":
+            lines += ["| row | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+        lines += [f"| {name} | " + " | ".join(c) + " |" for c in cells]
     return lines
 
 

@@ -837,6 +837,9 @@ def _results_doc(
     summary = summarize(records, tasks)
     add_milestones(summary, episodes, tasks)
     add_goal_distances(summary, episodes, tasks)
+    from damvla.evaluation.placement import splits
+
+    placed = splits(episodes, {(st.task, st.seed): st.data for st in states})
     # timing covers this invocation: the episodes it ran (a resumed run's earlier ones ran in another)
     total_steps = sum(e["steps"] for e in episodes if e["key"] in ran)
     cfg = {
@@ -890,6 +893,8 @@ def _results_doc(
             "episodes_resumed": len(episodes) - len(ran),
         },
         "versions": vers,
+        # where in the workspace episodes fail (damvla.evaluation.placement); [] without recorded positions
+        "placement": [asdict(p) for p in placed],
         "episodes": episodes,
     }
 

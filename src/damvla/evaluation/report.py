@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from damvla.evaluation import placement
+
 PAGE_HEADER = """# Results
 
 Every section below is written by `damvla eval ... --append-results docs/results.md` (never by hand):
@@ -147,6 +149,10 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##", li
         lines += ["", GOAL_DISTANCE_NOTE + " (`obj_to_target` in Meta-World).", "",
                   "| task | failed | closest | final |", "|---|---|---|---|"]  # fmt: skip
         lines += ["| " + " | ".join(cells) + " |" for cells in _goal_distance_rows(results, "**all**")]
+    if results.get("placement"):
+        head, rows = placement.table([placement.Split(**d) for d in results["placement"]])
+        lines += ["", placement.NOTE + ".", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
     if links:
         for key, label in (("video", "Videos"), ("plot", "Router plots")):
             media = _media(results, key)
@@ -245,6 +251,12 @@ def render_html(results: dict[str, Any], title: str) -> str:
         out.append('<table id="goal-distance"><thead><tr><th>task</th><th>failed</th><th>closest</th>'
                    "<th>final</th></tr></thead><tbody>")  # fmt: skip
         out += ["<tr>" + "".join(f"<td>{_h(c)}</td>" for c in cells) + "</tr>" for cells in _goal_distance_rows(results, "all")]
+        out.append("</tbody></table>")
+    if results.get("placement"):
+        head, rows = placement.table([placement.Split(**d) for d in results["placement"]])
+        out.append(f'<h2>Where in the workspace</h2><p class="note">{_h(placement.NOTE.split(": ", 1)[1])}.</p>')
+        out.append('<table id="placement"><thead><tr>' + "".join(f"<th>{_h(h)}</th>" for h in head) + "</tr></thead><tbody>")
+        out += ["<tr>" + "".join(f"<td>{_h(c)}</td>" for c in r) + "</tr>" for r in rows]
         out.append("</tbody></table>")
     videos = _media(results, "video")
     if videos:

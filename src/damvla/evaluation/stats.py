@@ -41,6 +41,26 @@ class EpisodeRecord:
     env_seconds: float = 0.0  # time inside env.step (simulation + rendering)
 
 
+def format_difference(d: float, lo: float, hi: float) -> str:
+    """``+4 [-0.3, +9]``: percentage points, whole numbers, except a value that would round to a signed zero
+    (``-0``) gets one decimal, so an interval that just reaches below 0 says by how much."""
+
+    def pp(x: float) -> str:
+        text = f"{100 * x:+.0f}"
+        return f"{100 * x:+.1f}" if text in ("+0", "-0") and abs(100 * x) >= 0.05 else text
+
+    return f"{pp(d)} [{pp(lo)}, {pp(hi)}]"
+
+
+def difference_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
+    """p1 - p2 with Newcombe's hybrid-score 95% interval (from the two Wilson intervals)."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1)
+    l2, u2 = wilson_interval(k2, n2)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
 def _rate(x: float, n: float) -> float | None:
     return x / n if n > 0 else None
 
