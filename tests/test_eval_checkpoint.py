@@ -142,7 +142,19 @@ def test_tiny_checkpoint_eval_writes_consistent_reports_and_repeats_exactly(ckpt
         assert g["failed"] == len(failed) and all(e["goal_distance"]["min"] <= e["goal_distance"]["final"] for e in eps)
         if failed:
             assert g["median_final_cm"] == round(100 * float(np.median([e["goal_distance"]["final"] for e in failed])), 1)
-        cells = [task, *("-" if c is None else str(c) for c in (g["failed"], g["median_min_cm"], g["median_final_cm"]))]
+        if task == "pick-place-v3":  # the distance is the object's: which way it missed, at its closest step
+            for e in eps:
+                gd = e["goal_distance"]
+                assert np.linalg.norm(gd["offset_min"]) == pytest.approx(gd["min"], abs=1e-6)
+                assert np.linalg.norm(gd["offset_final"]) == pytest.approx(gd["final"], abs=1e-6)
+            if failed:
+                offsets = np.asarray([e["goal_distance"]["offset_min"] for e in failed])
+                assert g["median_offset_min_cm"] == [round(100 * float(v), 1) for v in np.median(offsets, axis=0)]
+        else:  # reach-v3 measures from the hand: no object offset
+            assert all("offset_min" not in e["goal_distance"] for e in eps) and "median_offset_min_cm" not in g
+        offset = g.get("median_offset_min_cm")
+        offset_cell = None if offset is None else "(" + ", ".join(f"{v:+.1f}" for v in offset) + ")"
+        cells = [task, *("-" if c is None else str(c) for c in (g["failed"], g["median_min_cm"], g["median_final_cm"], offset_cell))]
         assert "| " + " | ".join(cells) + " |" in (out / "report.md").read_text()
         assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in (out / "index.html").read_text()
         assert f"| {task} | {m['reached']}/2 | {m['grasped']}/2 | {m['success']}/2 |" in (out / "report.md").read_text()

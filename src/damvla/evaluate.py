@@ -947,13 +947,17 @@ def add_milestones(summary: dict[str, Any], episodes: list[dict[str, Any]], task
 
 def add_goal_distances(summary: dict[str, Any], episodes: list[dict[str, Any]], tasks: list[str]) -> None:
     """Per task and overall, over the *failed* episodes: the median closest and final object-to-goal
-    distance [cm] (``Env.step``'s ``goal_distance``). Only where the env reports it."""
+    distance [cm] (``Env.step``'s ``goal_distance``), and where the env reports which way the object missed,
+    the median object-minus-goal offset [cm] per axis at the closest step. Only where the env reports it."""
 
     def medians(eps: list[dict[str, Any]]) -> dict[str, Any]:
         d = [e["goal_distance"] for e in eps if not e["success"] and e.get("goal_distance")]
         out: dict[str, Any] = {"failed": len(d)}
         for k in ("min", "final"):
             out[f"median_{k}_cm"] = round(100 * float(np.median([x[k] for x in d])), 1) if d else None
+        offsets = [x["offset_min"] for x in d if x.get("offset_min") is not None]
+        if offsets:  # per axis: a systematic miss (e.g. always too low) shows as a median far from 0
+            out["median_offset_min_cm"] = [round(100 * float(v), 1) for v in np.median(np.asarray(offsets), axis=0)]
         return out
 
     if not any(e.get("goal_distance") for e in episodes):

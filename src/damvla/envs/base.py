@@ -129,7 +129,8 @@ class Env(abc.ABC):
         episodes got at least that far, which says in which phase a policy fails. Optionally
         ``info["goal_distance"]``: the distance [m] between the task's object and its goal at this step;
         evaluation reports how close failed episodes came (a near miss and a policy that never carried the
-        object fail differently)."""
+        object fail differently). Optionally ``info["goal_offset"]``: object minus goal [m], xyz, whose norm is
+        that distance: which way failed episodes miss."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most simulators need nothing
         """Release renderer / simulator resources."""

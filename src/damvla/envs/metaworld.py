@@ -507,7 +507,12 @@ class MetaWorldEnv(Env):
         # pick tasks: the object held and lifted 2 cm). Each task defines them in its evaluate_state.
         info["milestones"] = {"reached": bool(info.get("near_object", 0.0)), "grasped": bool(info.get("grasp_success", 0.0))}
         if "obj_to_target" in info:  # each task's own success distance (hand-to-goal for reach tasks)
-            info["goal_distance"] = float(info["obj_to_target"])
+            info["goal_distance"] = d = float(info["obj_to_target"])
+            # Which way the object misses, where that distance is the object's (goal observable: its position
+            # at obs[4:7], the goal at obs[-3:]); tasks that measure from the hand or a handle get none.
+            offset = np.asarray(obs[4:7] - obs[-3:], dtype=np.float64)
+            if abs(float(np.linalg.norm(offset)) - d) < 1e-6:
+                info["goal_offset"] = [float(x) for x in offset]
         return self._observation(obs), float(reward), self._steps >= self.max_steps, info
 
     def _observation(self, native_obs: np.ndarray) -> Observation:

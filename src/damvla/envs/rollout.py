@@ -36,6 +36,7 @@ in; another simulator plugs in through ``make_env`` and ``mapping_from_dict``.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -86,7 +87,8 @@ class EpisodeResult:
     False and ``steps`` counts the steps done before the failure). ``env_seconds``: wall time the
     worker spent inside ``env.step`` (simulation + rendering), for the steps-per-second figure.
     ``info["milestones"]``: {name: bool}, whether the env's task-progress flag was ever set (see ``Env.step``).
-    ``info["goal_distance"]``: {"min", "final"} object-to-goal distance [m], where the env reports one.
+    ``info["goal_distance"]``: {"min", "final"} object-to-goal distance [m], where the env reports one, and
+    where it reports ``goal_offset`` too, ``offset_min`` / ``offset_final``: object minus goal [m] at those steps.
     """
 
     task: str
@@ -167,6 +169,8 @@ class _EnvHost:
             reply = {"success": bool(info["success"]), "step_s": dt, "milestones": flags}
             if info.get("goal_distance") is not None:
                 reply["goal_distance"] = float(info["goal_distance"])
+                if info.get("goal_offset") is not None:
+                    reply["goal_offset"] = [float(x) for x in info["goal_offset"]]
             return self._slim(obs), reward, done, {**reply, "instruction": self.env.instruction}
         raise ValueError(f"rollout worker: unknown request {kind!r}")
 
@@ -319,7 +323,7 @@ class _Running:
     env_seconds: float = 0.0
     frames: list[np.ndarray] = field(default_factory=list)
     milestones: dict[str, bool] = field(default_factory=dict)  # each: reached at any step so far
-    goal_distance: dict[str, float] = field(default_factory=dict)  # {"min", "final"} so far
+    goal_distance: dict[str, Any] = field(default_factory=dict)  # {"min", "final"[, "offset_min", "offset_final"]}
     reset_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -433,8 +437,13 @@ def rollout(
                 for name, hit in info.get("milestones", {}).items():
                     r.milestones[name] = r.milestones.get(name, False) or hit
                 if "goal_distance" in info:
-                    d = float(info["goal_distance"])
-                    r.goal_distance = {"min": min(r.goal_distance.get("min", d), d), "final": d}
+                    d, offset = float(info["goal_distance"]), info.get("goal_offset")
+                    closer = d < r.goal_distance.get("min", math.inf)
+                    r.goal_distance = {**r.goal_distance, "min": min(r.goal_distance.get("min", d), d), "final": d}
+                    if offset is not None:
+                        r.goal_distance["offset_final"] = offset
+                        if closer:
+                            r.goal_distance["offset_min"] = offset
                 if done or (r.success and r.spec.stop_on_success):
                     finish(
                         EpisodeResult(

@@ -25,16 +25,21 @@ rerunning the command with the same `--title` replaces its section. Protocol: do
 
 GOAL_DISTANCE_NOTE = (
     "How close failed episodes came: over the failed episodes, the median of the object's closest and final "
-    "distance to its goal, in cm, as the simulator measures it for success"
+    "distance to its goal, in cm, as the simulator measures it for success, and per axis the median of the "
+    "object's position minus the goal's at the closest step (where the simulator reports the object's position; "
+    "z < 0: below the goal)"
 )
 
 
 def _goal_distance_rows(results: dict[str, Any], overall: str) -> list[list[str]]:
-    """(task, failed, closest, final) cells per task and overall, '-' where no failure reported one."""
+    """(task, failed, closest, final, offset at the closest) cells per task and overall, '-' where no failure
+    reported one."""
     rows = []
     for task, s in [*results["tasks"].items(), (overall, results["overall"])]:
         g = s.get("goal_distance_failed") or {}
-        cells = [g.get("failed", 0), g.get("median_min_cm"), g.get("median_final_cm")]
+        offset = g.get("median_offset_min_cm")
+        cells = [g.get("failed", 0), g.get("median_min_cm"), g.get("median_final_cm"),
+                 None if offset is None else "(" + ", ".join(f"{v:+.1f}" for v in offset) + ")"]  # fmt: skip
         rows.append([task, *("-" if c is None else str(c) for c in cells)])
     return rows
 
@@ -147,7 +152,7 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##", li
             lines.append(f"| {task} | " + " | ".join(f"{s['milestones'][k]}/{n}" for k in names) + " |")
     if "goal_distance_failed" in ov:
         lines += ["", GOAL_DISTANCE_NOTE + " (`obj_to_target` in Meta-World).", "",
-                  "| task | failed | closest | final |", "|---|---|---|---|"]  # fmt: skip
+                  "| task | failed | closest | final | object - goal at the closest (x, y, z) |", "|---|---|---|---|---|"]  # fmt: skip
         lines += ["| " + " | ".join(cells) + " |" for cells in _goal_distance_rows(results, "**all**")]
     if results.get("placement"):
         head, rows = placement.table([placement.Split(**d) for d in results["placement"]])
@@ -249,7 +254,7 @@ def render_html(results: dict[str, Any], title: str) -> str:
     if "goal_distance_failed" in ov:
         out.append(f'<h2>How close failed episodes came</h2><p class="note">{_h(GOAL_DISTANCE_NOTE)}.</p>')
         out.append('<table id="goal-distance"><thead><tr><th>task</th><th>failed</th><th>closest</th>'
-                   "<th>final</th></tr></thead><tbody>")  # fmt: skip
+                   "<th>final</th><th>object &minus; goal at the closest (x, y, z)</th></tr></thead><tbody>")  # fmt: skip
         out += ["<tr>" + "".join(f"<td>{_h(c)}</td>" for c in cells) + "</tr>" for cells in _goal_distance_rows(results, "all")]
         out.append("</tbody></table>")
     if results.get("placement"):
