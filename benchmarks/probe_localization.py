@@ -13,7 +13,9 @@ encoded by the cpu preset's frozen DINOv2-S, and their patch grid pooled by POOL
 flattened grid (plus the position code the policy adds) predicts
 
 - the goal's x, y from ``--frames`` frames spread over each episode (the goal never moves), and
-- the object's initial x, y from the episode's first frame (before the hand has touched it).
+- the object's initial x, y from the episode's first frame (before the hand has touched it), and
+- the goal's height z, over the episodes of tasks that vary it (pick-place): a single view sees a floating goal's
+  height and its depth along one image axis, and the grip3 policies place almost no high pick-place goal.
 
 Errors are on held-out episodes (5 folds by episode; the ridge strength is chosen inside each training fold),
 in centimetres, next to the error of always predicting the mean. Render DATA at 224 px or more
@@ -88,26 +90,31 @@ def main() -> int:
 
     meta = [json.loads(x) for x in (args.dataset / "meta" / "damvla_episodes.jsonl").read_text().splitlines() if x.strip()]
     kept = {m["episode_index"]: m for m in meta if m.get("kept", True)}
-    ds = PolicyDataset(args.dataset, image_size=224, require_routing=False, progress=False)
-    rows = []  # (episode position, frame, goal xy, object xy, task)
+    views = [tuple(int(v) for v in view.split(":")) for view in args.views.split(",")]
+    # Decoded at the largest view's size; smaller views are resized down from it, as training resizes.
+    ds = PolicyDataset(args.dataset, image_size=max(size for size, _ in views), require_routing=False, progress=False)
+    rows = []  # (episode position, frame, goal xy, object xy, task, goal z)
     for pos, ep in enumerate(ds.episode_indices):
         m = kept[int(ep)]
         data = m["initial_state"]["data"]
         n = int(ds._ep_len[pos])
         for f in np.linspace(0, n - 1, args.frames).round().astype(int):
-            rows.append((pos, int(f), data["goal_pos"][:2], data["obj_init_pos"][:2], m["task"]))
+            rows.append((pos, int(f), data["goal_pos"][:2], data["obj_init_pos"][:2], m["task"], data["goal_pos"][2]))
     groups = np.array([r[0] for r in rows])
     goal = np.array([r[2] for r in rows]) * 100.0  # cm
     obj = np.array([r[3] for r in rows]) * 100.0
     first = np.array([r[1] == 0 for r in rows])
     tasks = sorted({r[4] for r in rows})
+    height = np.array([r[5] for r in rows])[:, None] * 100.0
+    varies = {t for t in tasks if np.ptp(height[[r[4] == t for r in rows]]) > 1.0}
+    tall = np.array([r[4] in varies for r in rows])  # rows of tasks whose goal height varies
     print(f"{len(set(groups))} episodes ({', '.join(tasks)}), {len(rows)} frames")
 
     # uint8 (N, 3, S, S) at the dataset's size (the dataset keeps decoded episodes in its own cache)
     raw = torch.stack([ds._episode_frames(r[0])[r[1]] for r in rows])
     results = []
-    for view in args.views.split(","):
-        size, pool = (int(v) for v in view.split(":"))
+    for size, pool in views:
+        view = f"{size}:{pool}"
         cfg = preset("cpu").vision
         cfg.image_size, cfg.patch_pool = size, pool
         enc = DualVisionEncoder(cfg).eval()
@@ -124,17 +131,25 @@ def main() -> int:
         for name, x in (("grid", grid), ("cls", cls)):
             row[f"goal_rmse_cm_{name}"] = round(probe(x, goal, groups), 2)
             row[f"object_rmse_cm_{name}"] = round(probe(x[first], obj[first], groups[first]), 2)
+            if tall.any():
+                row[f"goal_z_rmse_cm_{name}"] = round(probe(x[tall], height[tall], groups[tall]), 2)
         results.append(row)
         print(json.dumps(row), flush=True)
     base = {"goal_rmse_cm_mean": round(float(np.sqrt(((goal - goal.mean(0)) ** 2).sum(1).mean())), 2),
             "object_rmse_cm_mean": round(float(np.sqrt(((obj[first] - obj[first].mean(0)) ** 2).sum(1).mean())), 2)}  # fmt: skip
+    if tall.any():
+        base["goal_z_rmse_cm_mean"] = round(float(height[tall].std()), 2)
     print(json.dumps(base))
-    print("\n| view (size:pool) | tokens | goal, grid | goal, class token | object, grid | object, class token | encode ms/frame |")
-    print("|---|---|---|---|---|---|---|")
+    z = tall.any()
+    print("\n| view (size:pool) | tokens | goal, grid | goal, class token | object, grid | object, class token |"
+          + (" goal z, grid | goal z, class token |" if z else "") + " encode ms/frame |")
+    print("|---|---|---|---|---|---|" + ("---|---|" if z else "") + "---|")
     for r in results:
+        zs = f" {r['goal_z_rmse_cm_grid']} | {r['goal_z_rmse_cm_cls']} |" if z else ""
         print(f"| {r['view']} | {r['tokens']} | {r['goal_rmse_cm_grid']} | {r['goal_rmse_cm_cls']} | "
-              f"{r['object_rmse_cm_grid']} | {r['object_rmse_cm_cls']} | {r['encode_ms_per_frame']} |")
-    print(f"| predict the mean | | {base['goal_rmse_cm_mean']} | | {base['object_rmse_cm_mean']} | | |")
+              f"{r['object_rmse_cm_grid']} | {r['object_rmse_cm_cls']} |{zs} {r['encode_ms_per_frame']} |")
+    zb = f" {base['goal_z_rmse_cm_mean']} | |" if z else ""
+    print(f"| predict the mean | | {base['goal_rmse_cm_mean']} | | {base['object_rmse_cm_mean']} | |{zb} |")
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}")
     if args.json:
         args.json.write_text(json.dumps({"views": results, "baseline": base, "dataset": str(args.dataset)}, indent=2))
