@@ -279,7 +279,7 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
                 ov = r.results["overall"]
                 lines.append(f"| {r.name} | {name} | " + " | ".join(counts)
                              + f" | {ov['milestones'].get(name, 0)}/{ov['episodes']} |")  # fmt: skip
-    lines += placement_table(runs, groups)
+    lines += placement_table(runs, groups, states)
     if figure is not None:
         lines += ["", f"![training curves]({_rel(figure, page_dir)})", "",
                   "Training losses of runs with different ablation switches carry different weights (chunk weight "
@@ -355,22 +355,21 @@ def pooled_table(groups: dict[str, list[Run]], tasks: list[str], baseline: str |
     return lines
 
 
-def placement_table(runs: list[Run], groups: dict[str, list[Run]] | None) -> list[str]:
+def placement_table(runs: list[Run], groups: dict[str, list[Run]] | None, states: dict[str, str | None]) -> list[str]:
     """Success and phase flags split by where the object starts and where the goal is
     (``damvla.evaluation.placement``), each row pooled over its seeds; [] when the initial states record no
-    positions (SIMPLER) or a run's initial states are missing."""
-    files = [r.eval_dir / "initial_states.jsonl" for r in runs]
-    if not all(f.is_file() for f in files):
+    positions (SIMPLER) or a run's initial states are missing. ``states``: run name -> its initial_states.jsonl text."""
+    if any(states[r.name] is None for r in runs):
         return []
-    per_run = {r.name: placement.splits(r.episodes, placement.read_initial_states(f)) for r, f in zip(runs, files)}
+    per_run = {r.name: placement.splits(r.episodes, placement.parse_initial_states(states[r.name])) for r in runs}
     rows = {name: [per_run[r.name] for r in rs] for name, rs in groups.items()} if groups else {n: [s] for n, s in per_run.items()}
     try:
         pooled = {name: placement.pooled(g) for name, g in rows.items()}
     except ValueError:  # seeds of a row evaluated on different initial states: their halves differ
-        return ["", "Where in the workspace: not shown, the seeds of a row were evaluated on different initial states."]
+        return ["", f"{placement.TITLE}: not shown, the seeds of a row were evaluated on different initial states."]
     if not any(pooled.values()):
         return []
-    lines = ["", placement.NOTE + (", each row pooled over its seeds." if groups else "."), ""]
+    lines = ["", f"{placement.TITLE}: {placement.NOTE}" + (", each row pooled over its seeds." if groups else "."), ""]
     for name, splits in pooled.items():
         head, cells = placement.table(splits)
         if lines[-1] == "":

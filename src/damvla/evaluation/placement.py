@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from damvla.evaluation.stats import difference_interval, format_difference, wilson_interval
@@ -35,11 +34,11 @@ class Split:
     milestones: dict[str, tuple[int, int]]
 
 
-def read_initial_states(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """``initial_states.jsonl`` of an evaluation: ``(task, seed) -> data`` (states naming no task or seed are
-    left out)."""
+def parse_initial_states(text: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """The text of an evaluation's ``initial_states.jsonl``: ``(task, seed) -> data`` (states naming no task or
+    seed are left out)."""
     out = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             s = json.loads(line)
             if "task" in s and "seed" in s:
@@ -108,10 +107,10 @@ def pooled(groups: list[list[Split]]) -> list[Split]:
     return out
 
 
+TITLE = "Where in the workspace"
 NOTE = (
-    "Where in the workspace: episodes split by where the object starts (x) and where the goal is (z), at the middle "
-    "of the range the initial states cover; difference = at or above minus below (percentage points, Newcombe 95% "
-    "interval)"
+    "episodes split by where the object starts (x) and where the goal is (z), at the middle of the range the "
+    "initial states cover; difference = at or above minus below (percentage points, Newcombe 95% interval)"
 )
 
 

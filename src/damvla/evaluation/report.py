@@ -156,7 +156,7 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##", li
         lines += ["| " + " | ".join(cells) + " |" for cells in _goal_distance_rows(results, "**all**")]
     if results.get("placement"):
         head, rows = placement.table([placement.Split(**d) for d in results["placement"]])
-        lines += ["", placement.NOTE + ".", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["", f"{placement.TITLE}: {placement.NOTE}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     if links:
         for key, label in (("video", "Videos"), ("plot", "Router plots")):
@@ -259,7 +259,7 @@ def render_html(results: dict[str, Any], title: str) -> str:
         out.append("</tbody></table>")
     if results.get("placement"):
         head, rows = placement.table([placement.Split(**d) for d in results["placement"]])
-        out.append(f'<h2>Where in the workspace</h2><p class="note">{_h(placement.NOTE.split(": ", 1)[1])}.</p>')
+        out.append(f'<h2>{_h(placement.TITLE)}</h2><p class="note">{_h(placement.NOTE)}.</p>')
         out.append('<table id="placement"><thead><tr>' + "".join(f"<th>{_h(h)}</th>" for h in head) + "</tr></thead><tbody>")
         out += ["<tr>" + "".join(f"<td>{_h(c)}</td>" for c in r) + "</tr>" for r in rows]
         out.append("</tbody></table>")
