@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One training seed of one row of the grip3 table (docs/results.md, issue #11), then the table again.
 #
-#   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq; SEED: 0, 1, 2
+#   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq | damvla-envstate; SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
 #   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
@@ -76,7 +76,7 @@ if [ "${1:-}" = "--table" ]; then
     table
     exit
 fi
-ROWS="damvla|cogact|damvla-nostate|damvla-armq"
+ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate"
 ROW=${1:?usage: $0 $ROWS SEED  (or --table)}
 SEED=${2:?usage: $0 $ROWS SEED}
 STATE=state_dim=4  # proprioception on (the cpu preset's measured choice); damvla-nostate: the paper's inputs
@@ -86,6 +86,9 @@ case $ROW in
     cogact) ABLATION=(--ablation cogact) ;;
     damvla-nostate) ABLATION=(); STATE=state_dim=0 ;;
     damvla-armq) ABLATION=(); EXTRA=(vision.arm_queries=4) ;;  # the arm head reads 4 patch queries of its own
+    # f_cog also regresses Meta-World's object and goal state during training (env_state_dim, docs/method.md),
+    # from the same demonstrations collected with that column (data of their own)
+    damvla-envstate) ABLATION=(); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac
 RUN=$WORK/runs/${TAG}_${ROW}_s${SEED}

@@ -195,3 +195,21 @@ def test_dagger_keeps_policy_driven_episodes_labelled_by_the_expert_after_the_ba
     assert not np.allclose(recorded[:, :3], np.stack(executed)[:, :3])  # ... of states the policy drove to
     with pytest.raises(ValueError, match="--from"):
         collect.collect_metaworld(tmp_path / "x", "reach", 1, resolution=64, base=base, progress=False)
+
+
+def test_environment_state_records_metaworlds_observation_per_frame(tmp_path):
+    out = tmp_path / "ds"
+    assert main([*ARGS, "--episodes", "1", "--workers", "1", "--environment-state", "--out", str(out)]) == 0
+    ds = LeRobotDatasetReader(out)
+    assert ds.info["damvla"]["recipe"]["environment_state"] is True
+    key = collect.ENV_STATE_KEY
+    assert ds.features[key]["shape"] == [39] and ds.features[key]["names"][-3:] == ["goal_x", "goal_y", "goal_z"]
+    env_state = ds.episode_arrays(0, [key])[key]
+    states = ds.episode_states(0)
+    assert env_state.shape == (len(states), 39)
+    np.testing.assert_allclose(env_state[:, :3], states[:, :3], atol=1e-6)  # the hand, as observation.state has it
+    assert np.ptp(env_state[:, 36:39], axis=0).max() == 0  # the goal does not move
+    assert np.ptp(env_state[:, 4:7], axis=0).max() > 0.01  # the puck is carried
+    # Without the option, the dataset is as before (no column), and the two recipes differ.
+    assert main([*ARGS, "--episodes", "1", "--workers", "1", "--out", str(tmp_path / "plain")]) == 0
+    assert key not in LeRobotDatasetReader(tmp_path / "plain").features

@@ -73,6 +73,9 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     assert first[1].endswith("state_dim=4")
     armq = run("damvla-armq", "0")
     assert armq[0].endswith("state_dim=4 vision.arm_queries=4") and "damvla-armq/s0=" in armq[-1]
+    envstate = run("damvla-envstate", "0")  # its own data, collected with the environment state
+    assert envstate[0].startswith("collect") and envstate[0].endswith("--environment-state")
+    assert f"--out {work}/data/grip3_52_envstate" in envstate[0] and envstate[1].endswith("state_dim=4 env_state_dim=39")
     with pytest.raises(subprocess.CalledProcessError):
         run("octo", "0")
 

@@ -174,6 +174,12 @@ class PolicyConfig:
     # Proprioception (observation.state, normalised by the dataset's mean/std) as an extra condition of
     # the action heads; 0 = off. Off in the paper-faithful presets: the paper conditions on images and text.
     state_dim: int = 0
+    # Auxiliary target (our choice, off in every preset; docs/method.md): during training a small MLP on f_cog
+    # regresses ``observation.environment_state`` (LeRobot's key for the simulator's object and goal state,
+    # normalised by the dataset's mean/std), weighted by ``env_state_weight``, so the condition the action
+    # heads read must carry where the object and the goal are. Only training reads it; 0 = off.
+    env_state_dim: int = 0
+    env_state_weight: float = 1.0
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
@@ -205,8 +211,10 @@ class PolicyConfig:
                 f"vision.patch_pool={self.vision.patch_pool} must be >= 1 and divide the patch grid side "
                 f"{self.vision.image_size // self.vision.dinov2.patch_size}"
             )
-        if self.vision.gripper_queries < 0 or self.vision.arm_queries < 0 or self.state_dim < 0:
-            errs.append("vision.gripper_queries, vision.arm_queries and state_dim must be >= 0")
+        if self.vision.gripper_queries < 0 or self.vision.arm_queries < 0 or self.state_dim < 0 or self.env_state_dim < 0:
+            errs.append("vision.gripper_queries, vision.arm_queries, state_dim and env_state_dim must be >= 0")
+        if self.env_state_weight < 0:
+            errs.append(f"env_state_weight={self.env_state_weight} must be >= 0")
         if not 0 < self.language.reasoning_layer <= self.language.num_layers:
             errs.append(f"language.reasoning_layer={self.language.reasoning_layer} not in 1..num_layers")
         if self.inference.routing not in ("hard", "soft"):

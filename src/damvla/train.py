@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from damvla.config import PolicyConfig, apply_overrides, preset
-from damvla.data.dataset import dataset_content_fingerprint
+from damvla.data.dataset import ENV_STATE_KEY, PolicyDataset, dataset_content_fingerprint
 from damvla.data.hub import parse_repo_id, resolve_dataset
 from damvla.data.lerobot import DatasetError
 from damvla.training import checkpoint as ckpt_io
@@ -200,8 +200,7 @@ class Trainer:
             policy = self._policy_from_init(cfg, ctx, full)
         elif resume_from is None:
             policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata)
-            if cfg.state_dim:
-                policy.set_state_stats(*state_stats(full))
+            set_input_stats(policy, full)
         else:
             with skip_init():  # every weight comes from the checkpoint (a referenced frozen encoder: its files)
                 policy = DAMVLAPolicy(cfg, self.dataset.normalizer, self.dataset.metadata, load_pretrained=False,
@@ -313,8 +312,7 @@ class Trainer:
 
         policy, model = policy_from_checkpoint(tc.init or "", cfg, self.dataset.normalizer, self.dataset.metadata,
                                                shard if fsdp else None, ctx.device)  # fmt: skip
-        if cfg.state_dim:
-            policy.set_state_stats(*state_stats(full))
+        set_input_stats(policy, full)
         policy.metadata["init"] = tc.init
         self.model = model
         return policy
@@ -591,6 +589,14 @@ class Trainer:
             self.print("LoRA on: checkpoints export the LLM with the adapters merged into its weights")
         if self.step:
             self.print(f"resuming at step {self.step} (epoch {self.stream.epoch}, position {self.stream.position})")
+
+
+def set_input_stats(policy: Any, dataset: PolicyDataset) -> None:
+    """Dataset mean / std of the state the heads read and of the auxiliary environment-state target."""
+    if policy.config.state_dim:
+        policy.set_state_stats(*state_stats(dataset))
+    if policy.config.env_state_dim:
+        policy.set_env_state_stats(*state_stats(dataset, ENV_STATE_KEY))
 
 
 def set_threads(threads: int | None) -> int:

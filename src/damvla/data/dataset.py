@@ -4,6 +4,7 @@ Per sample (frame t of an episode of length T)::
 
     observation.images.<cam>  uint8 (3, S, S)   the camera at t, resized to the model's size S
     observation.state         float32 (S_dim,)
+    observation.environment_state  float32 (E,)  only with ``env_state_key`` (an auxiliary training target)
     task                      str
     action                    float32 (H, D)    a[t : t+H] normalised (q01/q99 -> [-1, 1]); the gripper
                                                 dimension binarised (1 = open) and not normalised
@@ -40,6 +41,7 @@ __all__ = ["PolicyDataset", "EpisodeBlockSampler", "resize_images", "binarize_gr
 
 ACTION_KEY = "action"
 STATE_KEY = "observation.state"
+ENV_STATE_KEY = "observation.environment_state"
 
 
 def resize_images(images: torch.Tensor, size: int, batch: int = 64) -> torch.Tensor:
@@ -143,6 +145,8 @@ class PolicyDataset(Dataset):
         cache_bytes: per-process budget of the decoded-frame LRU cache.
         action_key, state_key: feature names read as the action and the state (emitted as ``action`` and
             ``observation.state``).
+        env_state_key: a feature read as the environment state (emitted as ``observation.environment_state``),
+            e.g. ``observation.environment_state``; default none.
         progress: show a progress bar while loading (default: for 200+ episodes).
         require_routing: with ``False``, a dataset with neither a gripper index nor ``phase_key`` loads
             with no routing signal (every label 0, every trajectory weight 0) instead of failing; for
@@ -169,6 +173,7 @@ class PolicyDataset(Dataset):
         cache_bytes: int = 1 << 30,
         action_key: str = ACTION_KEY,
         state_key: str = STATE_KEY,
+        env_state_key: str | None = None,
         progress: bool | None = None,
         require_routing: bool = True,
     ) -> None:
@@ -183,13 +188,14 @@ class PolicyDataset(Dataset):
         self.horizon, self.image_size = int(horizon), int(image_size)
         self.sigma_lead, self.sigma_trail = float(sigma_lead), float(sigma_trail)
         self.action_key, self.state_key, self.phase_key = action_key, state_key, phase_key
+        self.env_state_key = env_state_key
         self.cache_bytes = int(cache_bytes)
 
         # -- features ---------------------------------------------------------------------------
         self.camera_key = camera if camera in r.features else f"observation.images.{camera}"
         if self.camera_key not in r.features or r.features[self.camera_key]["dtype"] not in CAMERA_DTYPES:
             raise DatasetError(f"{info_path}: missing feature {self.camera_key!r} (cameras: {r.camera_keys})")
-        for k in (action_key, state_key) + ((phase_key,) if phase_key else ()):
+        for k in (action_key, state_key) + tuple(k for k in (phase_key, env_state_key) if k):
             if k not in r.features:
                 raise DatasetError(f"{info_path}: missing feature {k!r} (have {sorted(r.features)})")
             if r.features[k]["dtype"] in CAMERA_DTYPES + ("string",):
@@ -313,7 +319,7 @@ class PolicyDataset(Dataset):
 
     def _load_lowdim(self, progress: bool | None) -> list[dict[str, np.ndarray]]:
         r = self.reader
-        keys = [self.action_key, self.state_key, "task_index"] + ([self.phase_key] if self.phase_key else [])
+        keys = [self.action_key, self.state_key, "task_index"] + [k for k in (self.phase_key, self.env_state_key) if k]
         out = []
         show = len(self.episode_indices) >= 200 if progress is None else progress
         for e in tqdm(self.episode_indices, desc="loading episodes", disable=not show, leave=False):
@@ -324,7 +330,11 @@ class PolicyDataset(Dataset):
                 raise DatasetError(f"{path}: episode {e} has {t} frame(s); at least 2 are needed")
             a = np.asarray(d[self.action_key], dtype=np.float64).reshape(t, -1)
             s = np.asarray(d[self.state_key], dtype=np.float64).reshape(t, -1)
-            for name, arr in ((self.action_key, a), (self.state_key, s)):
+            checked = [(self.action_key, a), (self.state_key, s)]
+            if self.env_state_key:
+                env = np.asarray(d[self.env_state_key], dtype=np.float64).reshape(t, -1)
+                checked.append((self.env_state_key, env))
+            for name, arr in checked:
                 bad = ~np.isfinite(arr)
                 if bad.any():
                     f, j = np.argwhere(bad)[0]
@@ -337,6 +347,8 @@ class PolicyDataset(Dataset):
                     f"{path}: episode {e}: task_index outside 0..{len(r.tasks) - 1} of meta/tasks.parquet"
                 )
             item = {"action": a, "state": s.astype(np.float32), "task_index": ti}
+            if self.env_state_key:
+                item["env_state"] = env.astype(np.float32)
             if self.phase_key:
                 ph = np.asarray(d[self.phase_key], dtype=np.float64).reshape(t)
                 if not np.all(np.isfinite(ph)):
@@ -413,6 +425,7 @@ class PolicyDataset(Dataset):
         self._weights = weights  # (N,) w^t
         self._labels = labels  # (N,)
         self._states = np.concatenate([d["state"] for d in raw]).astype(np.float32)  # (N, S)
+        self._env_states = np.concatenate([d["env_state"] for d in raw]) if self.env_state_key else None  # (N, E)
         self._task_index = np.concatenate([d["task_index"] for d in raw])  # (N,)
         self.num_experts = num_experts
 
@@ -489,6 +502,8 @@ class PolicyDataset(Dataset):
             if img.shape[-2:] != (self.image_size, self.image_size):
                 img = resize_images(img[None], self.image_size)[0]
             out[self.camera_key] = img
+        if self._env_states is not None:
+            out[ENV_STATE_KEY] = torch.from_numpy(self._env_states[s + f])
         return out | {
             STATE_KEY: torch.from_numpy(self._states[s + f]),  # the contract key, whatever state_key was read
             "task": self.reader.tasks[int(self._task_index[s + f])],
@@ -517,6 +532,7 @@ class PolicyDataset(Dataset):
             "horizon": self.horizon,
             "action_key": self.action_key,
             "state_key": self.state_key,
+            "env_state_key": self.env_state_key,
             "features": {k: list(ft["shape"]) for k, ft in r.features.items()},
             # the action dimensions' names from info.json (the server advertises them); None when absent
             "action_names": feature_names(r.features[self.action_key], self.action_dim),

@@ -35,6 +35,7 @@ import numpy as np
 ATTEMPTS_FILE = "damvla_attempts.jsonl"  # in the writer's staging folder while collecting
 EPISODES_FILE = "meta/damvla_episodes.jsonl"  # in the finished dataset
 CAMERA_KEY = "observation.images.image"
+ENV_STATE_KEY = "observation.environment_state"  # LeRobot's key for the simulator's object state
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class CollectJob:
     noise: float = 0.0  # std of the executed xyz perturbation (DART); 0: the expert's own actions
     policy: str | None = None  # DAgger: a checkpoint folder whose actions are executed (the expert labels)
     beta: float = 0.0  # DAgger: per-step probability of executing the expert's command instead
+    environment_state: bool = False  # also record Meta-World's full observation (ENV_STATE_KEY)
 
 
 # DART-style collection (Laskey et al. 2017, "DART: Noise Injection for Robust Imitation Learning"): the
@@ -118,7 +120,7 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
 
     Returns a dict with ``task, seed, key, success, success_final, steps, initial_state`` and, when
     successful, ``frames``: ``{CAMERA_KEY: uint8 (T, H, W, 3), "observation.state": float32 (T, 4),
-    "action": float32 (T, 7)}``; frame t holds the observation before action t. With ``job.noise`` the
+    "action": float32 (T, 7)}`` (plus ``ENV_STATE_KEY``: float32 (T, 39) with ``job.environment_state``); frame t holds the observation before action t. With ``job.noise`` the
     executed xyz command is perturbed (``NOISE_CORRELATION``) and ``action`` still holds the expert's.
     With ``job.policy`` (DAgger) the checkpoint's action is executed (the expert's with probability
     ``job.beta``), ``action`` holds the expert's, and ``frames`` is returned whether or not it succeeded.
@@ -132,7 +134,7 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
         expert = ReleaseAtSuccess(expert, job.hold_steps)
     expert.reset()
     obs = env.reset(init)
-    images, states, actions = [], [], []
+    images, states, actions, privileged = [], [], [], []
     info: dict[str, Any] | None = None
     success, done = False, False
     rng = np.random.default_rng([job.seed, NOISE_STREAM]) if job.noise > 0 else None
@@ -148,6 +150,7 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
         a = expert.act(obs, info)
         images.append(obs["image"])
         states.append(obs["state"])
+        privileged.append(obs["privileged"])
         actions.append(a)  # the label: the expert's command, also where the executed one was perturbed
         if learner is not None:
             batch = {"slot": [0], "episode_index": [0], "episode_start": [len(actions) == 1],
@@ -183,15 +186,19 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
             "observation.state": np.stack(states).astype(np.float32),
             "action": np.stack(actions).astype(np.float32),
         }
+        if job.environment_state:
+            out["frames"][ENV_STATE_KEY] = np.stack(privileged).astype(np.float32)
     return out
 
 
 # ---- main side -----------------------------------------------------------------------------------
-def features(resolution: int, state_names: list[str]) -> dict[str, dict[str, Any]]:
+def features(resolution: int, state_names: list[str], environment_state: bool = False) -> dict[str, dict[str, Any]]:
     """LeRobot feature dicts of a Meta-World dataset at ``resolution`` x ``resolution``."""
     from damvla.envs.base import ACTION_NAMES
+    from damvla.envs.metaworld import PRIVILEGED_NAMES
 
-    return {
+    env = {ENV_STATE_KEY: {"dtype": "float32", "shape": [len(PRIVILEGED_NAMES)], "names": list(PRIVILEGED_NAMES)}}
+    return ({
         CAMERA_KEY: {
             "dtype": "video",
             "shape": [resolution, resolution, 3],
@@ -199,7 +206,7 @@ def features(resolution: int, state_names: list[str]) -> dict[str, dict[str, Any
         },
         "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
         "action": {"dtype": "float32", "shape": [7], "names": list(ACTION_NAMES)},
-    }
+    }) | (env if environment_state else {})
 
 
 def _read_attempts(path: Path) -> list[dict[str, Any]]:
@@ -236,7 +243,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 RECIPE_FLAGS = {"tasks": "--suite", "episodes_per_task": "--episodes", "camera": "--camera",
                 "resolution": "--resolution", "release": "--release", "max_steps": "--max-steps",
                 "seed_offset": "--seed-offset", "noise": "--noise", "policy": "--policy", "beta": "--beta",
-                "from": "--from"}  # fmt: skip
+                "from": "--from", "environment_state": "--environment-state"}  # fmt: skip
 
 
 def recipe_difference(dataset: dict[str, Any], command: dict[str, Any]) -> str:
@@ -266,6 +273,7 @@ def collect_metaworld(
     policy: str | Path | None = None,
     beta: float = 0.0,
     base: str | Path | None = None,
+    environment_state: bool = False,
 ) -> dict[str, Any]:
     """Collect ``episodes`` successful expert episodes per task of ``suite`` into the dataset ``out``.
 
@@ -275,7 +283,9 @@ def collect_metaworld(
     DART-style: the executed xyz commands are perturbed, the recorded ones are the expert's. ``policy`` (a
     checkpoint folder) collects DAgger-style: the policy drives (the expert with probability ``beta`` per
     step), the expert labels, and every episode is kept. ``base`` (a dataset made by this command) is copied
-    in first, so the result aggregates it; new seeds then continue after the base's.
+    in first, so the result aggregates it; new seeds then continue after the base's. ``environment_state``
+    also records Meta-World's full observation per frame as ``observation.environment_state`` (object and
+    goal positions: a training target, ``env_state_dim``; no policy reads it).
     """
     from tqdm.auto import tqdm
 
@@ -319,7 +329,7 @@ def collect_metaworld(
         camera, resolution = setup.camera, setup.resolution
     camera = camera or DEFAULT_CAMERA
     resolution = int(resolution or DEFAULT_RESOLUTION)
-    base_episodes = _base_episodes(Path(base), camera, resolution, tasks) if base is not None else []
+    base_episodes = _base_episodes(Path(base), camera, resolution, tasks, environment_state) if base is not None else []
     max_tries = int(max_tries or 2 * episodes + 10)
     if max_tries < episodes:
         raise ValueError(f"--max-tries ({max_tries}) must be >= --episodes ({episodes})")
@@ -333,6 +343,8 @@ def collect_metaworld(
         recipe_key.update(policy=str(policy), beta=float(beta))
     if base is not None:
         recipe_key["from"] = str(Path(base).resolve())
+    if environment_state:  # recorded only when used, like noise
+        recipe_key["environment_state"] = True
     if (out / "meta" / "info.json").exists() and not overwrite:
         old = json.loads((out / "meta" / "info.json").read_text()).get("damvla", {}).get("recipe", {})
         if all(old.get(k) == v for k, v in recipe_key.items()):
@@ -382,7 +394,7 @@ def collect_metaworld(
     writer = LeRobotWriter(
         out,
         fps=fps,
-        features=features(resolution, state_names),
+        features=features(resolution, state_names, environment_state),
         robot_type="sawyer",
         image_mode="video",
         extra_info=extra,
@@ -391,7 +403,8 @@ def collect_metaworld(
     attempts_path = writer.staging / ATTEMPTS_FILE
     try:
         base_keys = {row["key"] for row, _ in base_episodes}
-        _copy_base(writer, attempts_path, base_episodes, Path(base) if base is not None else None, progress)
+        _copy_base(writer, attempts_path, base_episodes, Path(base) if base is not None else None, progress,
+                   environment_state)
         done_keys = {k: i for k, i in writer.completed_episodes().items() if k not in base_keys}
         log = [r for r in _read_attempts(attempts_path) if not r.get("from")]
         logged = {r["key"] for r in log}
@@ -421,7 +434,7 @@ def collect_metaworld(
             next_seed[task] += max(n, 0)
             return [
                 CollectJob(task, s, camera, resolution, max_steps, release, RELEASE_HOLD_STEPS, float(noise),
-                           None if policy is None else str(policy), float(beta))  # fmt: skip
+                           None if policy is None else str(policy), float(beta), environment_state)  # fmt: skip
                 for s in seeds
             ]
 
@@ -500,7 +513,8 @@ def collect_metaworld(
     }
 
 
-def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str]) -> list[tuple[dict[str, Any], int]]:
+def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str],
+                   environment_state: bool = False) -> list[tuple[dict[str, Any], int]]:  # fmt: skip
     """(attempt-log row, episode index) of every kept episode of the dataset ``base``, checked to match."""
     from damvla.data.lerobot import LeRobotDatasetReader
 
@@ -511,6 +525,8 @@ def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str]) -
     for key, want in (("camera", camera), ("resolution", resolution)):
         if recipe.get(key) != want:
             raise ValueError(f"--from {base}: its {key} is {recipe.get(key)!r}, this collection's {want!r}")
+    if environment_state and ENV_STATE_KEY not in reader.features:
+        raise ValueError(f"--from {base}: it has no {ENV_STATE_KEY} to copy; collect it with --environment-state too")
     rows = [r for r in load_episode_records(base) if r.get("kept")]
     other = sorted({r["task"] for r in rows} - set(tasks))
     if other:
@@ -522,7 +538,7 @@ def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str]) -
 
 
 def _copy_base(writer: Any, attempts_path: Path, episodes: list[tuple[dict[str, Any], int]], base: Path | None,
-               progress: bool) -> None:  # fmt: skip
+               progress: bool, environment_state: bool = False) -> None:  # fmt: skip
     """Copy the base dataset's episodes into ``writer`` (those not there yet: a resumed run skips them)."""
     if not episodes:
         return
@@ -534,7 +550,7 @@ def _copy_base(writer: Any, attempts_path: Path, episodes: list[tuple[dict[str, 
     done = writer.completed_episodes()
     todo = [(r, i) for r, i in episodes if r["key"] not in done]
     for row, index in tqdm(todo, desc="copy --from", unit="ep", disable=not progress or not todo):
-        frames = reader.episode_arrays(index, ["observation.state", "action"])
+        frames = reader.episode_arrays(index, ["observation.state", "action"] + ([ENV_STATE_KEY] if environment_state else []))
         frames[CAMERA_KEY] = reader.episode_frames(index, CAMERA_KEY)
         new = writer.add_episode(frames, task=reader.episode(index).tasks[0], key=row["key"])
         _append_attempt(attempts_path, {**row, "episode_index": new, "from": str(base)})
@@ -576,6 +592,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="DAgger: per-step probability of executing the expert's command instead (default 0)")
     p.add_argument("--from", dest="base", default=None, metavar="DATASET",
                    help="copy this dataset's episodes in first (aggregation); new seeds continue after its")
+    p.add_argument("--environment-state", action="store_true",
+                   help="also record Meta-World's 39-d observation (hand, object and goal positions) per frame as "
+                        "observation.environment_state, the target of the training option env_state_dim=39")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset / staging folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -600,6 +619,7 @@ def run(args: argparse.Namespace) -> int:
         policy=args.policy,
         beta=args.beta,
         base=args.base,
+        environment_state=args.environment_state,
     )
     if summary.get("complete"):
         return 0

@@ -337,6 +337,17 @@ def _parse_resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _privileged_names() -> list[str]:
+    pose = ["x", "y", "z", "qw", "qx", "qy", "qz"]
+    frame = ["hand_x", "hand_y", "hand_z", "gripper_distance"] + [f"obj{i}_{p}" for i in (0, 1) for p in pose]
+    return frame + [f"prev_{n}" for n in frame] + ["goal_x", "goal_y", "goal_z"]
+
+
+# Meta-World's 39-d observation (``obs["privileged"]``): hand, finger distance and up to two objects' poses
+# (zero padded), the same 18 values one step earlier, and the goal (goal-observable, as in MT10/MT50).
+PRIVILEGED_NAMES = _privileged_names()
+
+
 class MetaWorldEnv(Env):
     """One Meta-World v3 task with the goal observable (as in MT10/MT50) and one rendered camera.
 

@@ -38,6 +38,7 @@ from damvla.normalize import ActionNormalizer
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json", "metadata.json")
 ARM, GRIPPER = 0, 1
 STATE_KEY = "observation.state"
+ENV_STATE_KEY = "observation.environment_state"
 # metadata.json entry of a checkpoint whose frozen encoder is referenced by path instead of copied.
 VISION_REFERENCE = "vision_reference"
 
@@ -82,6 +83,15 @@ class DAMVLAPolicy(nn.Module):
             self.register_buffer("state_mean", torch.zeros(config.state_dim))
             self.register_buffer("state_std", torch.ones(config.state_dim))
         cond_dim = lang.hidden_size + config.state_dim  # f_cog, then the normalised state
+        if config.env_state_dim:
+            # Training-only auxiliary regressor f_cog -> normalised environment state, and that state's
+            # dataset mean / std (set by the trainer, saved with the weights).
+            h = lang.hidden_size
+            self.env_state_head = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.Linear(h, config.env_state_dim))
+            self.register_buffer("env_state_mean", torch.zeros(config.env_state_dim))
+            self.register_buffer("env_state_std", torch.ones(config.env_state_dim))
+        else:
+            self.env_state_head = None
 
         def head(num_visual: int) -> DiTActionHead:
             return DiTActionHead(config.dit, config.action_dim, config.horizon, cond_dim, d_cls, num_visual)
@@ -143,6 +153,31 @@ class DAMVLAPolicy(nn.Module):
             raise ValueError(f"state stats have {mean_t.numel()} dims, config state_dim={self.config.state_dim}")
         self.state_mean.copy_(mean_t)
         self.state_std.copy_(std_t)
+
+    def set_env_state_stats(self, mean: Any, std: Any) -> None:
+        """Normalisation of ``observation.environment_state`` (dataset mean / std; std floored at 1e-3, so a
+        dimension that never varies, e.g. Meta-World's padding for an absent second object, is a constant 0)."""
+        if not self.config.env_state_dim:
+            raise ValueError("set_env_state_stats: the policy has no environment-state target (env_state_dim=0)")
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten().clamp_min(1e-3)
+        if mean_t.numel() != self.config.env_state_dim or std_t.numel() != self.config.env_state_dim:
+            raise ValueError(f"environment-state stats have {mean_t.numel()} dims, config env_state_dim={self.config.env_state_dim}")
+        self.env_state_mean.copy_(mean_t)
+        self.env_state_std.copy_(std_t)
+
+    def env_state_loss(self, f_cog: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The auxiliary loss: mean squared error of the regressor's normalised environment state (our choice)."""
+        assert self.env_state_head is not None
+        n = self.config.env_state_dim
+        if ENV_STATE_KEY not in batch:
+            raise ValueError(f"batch lacks {ENV_STATE_KEY!r}: this policy trains an environment-state target "
+                             f"(env_state_dim={n}); collect the dataset with it or pass env_state_dim=0")  # fmt: skip
+        x = torch.as_tensor(batch[ENV_STATE_KEY]).to(f_cog.device).float()
+        if x.shape != (f_cog.shape[0], n):
+            raise ValueError(f"{ENV_STATE_KEY}: expected shape {(f_cog.shape[0], n)} (B, env_state_dim), got {tuple(x.shape)}")
+        target = (x - self.env_state_mean) / self.env_state_std
+        return torch.nn.functional.mse_loss(self.env_state_head(f_cog).float(), target)
 
     def _condition(self, f_cog: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """The heads' condition vector: f_cog, plus the normalised state when ``state_dim`` > 0."""
@@ -260,6 +295,10 @@ class DAMVLAPolicy(nn.Module):
             logs["router_weight_mean"] = float(torch.sigmoid(logit.detach()).mean())
         else:
             logs["loss_action"] = float(losses[0].detach())
+        if self.env_state_head is not None:
+            l_env = self.env_state_loss(f_cog, batch)
+            loss = loss + cfg.env_state_weight * l_env
+            logs["loss_env_state"] = float(l_env.detach())
         logs["loss"] = float(loss.detach())
         return loss, logs
 
@@ -356,7 +395,7 @@ class DAMVLAPolicy(nn.Module):
         parts: dict[str, nn.Module | None] = {
             "vision.dinov2": self.vision.dinov2, "vision.siglip": self.vision.siglip,
             "gripper_queries": self.gripper_queries, "arm_queries": self.arm_queries, "projector": self.language.projector,
-            "llm": self.language.llm, "router": self.router,
+            "llm": self.language.llm, "router": self.router, "env_state_head": self.env_state_head,
         }
         for name, head in self.heads.items():
             parts[f"head.{name}"] = head

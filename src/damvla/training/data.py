@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from damvla.config import PolicyConfig
-from damvla.data.dataset import PolicyDataset
+from damvla.data.dataset import ENV_STATE_KEY, PolicyDataset
 from damvla.data.lerobot import CAMERA_DTYPES, DatasetError, LeRobotDatasetReader
 from damvla.diffusion import TrainingDraws
 
@@ -38,11 +38,13 @@ def split_episodes(episodes: list[int], num_val: int) -> tuple[list[int], list[i
     return [e for e in episodes if e not in set(val)], val
 
 
-def state_stats(ds: PolicyDataset) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of ``observation.state`` from the dataset's meta/stats.json (LeRobot's stats)."""
-    st = ds.reader.stats.get(ds.state_key)
+def state_stats(ds: PolicyDataset, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of ``observation.state`` (or the feature ``key``) from the dataset's meta/stats.json
+    (LeRobot's stats)."""
+    key = key or ds.state_key
+    st = ds.reader.stats.get(key)
     if st is None or "mean" not in st or "std" not in st:
-        raise ValueError(f"dataset {ds.root}: meta/stats.json has no mean/std for {ds.state_key!r}, needed with state_dim > 0")
+        raise ValueError(f"dataset {ds.root}: meta/stats.json has no mean/std for {key!r}, needed to normalise it")
     return np.asarray(st["mean"], dtype=np.float32).ravel(), np.asarray(st["std"], dtype=np.float32).ravel()
 
 
@@ -82,6 +84,7 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
             # Routing labels and trajectory weights are read only by the router (DAM) and TW; the CogACT
             # baseline trains on a dataset without any gripper or phase signal.
             require_routing=cfg.ablation.dam or cfg.ablation.tw,
+            env_state_key=env_state_key(reader, cfg, root),
         )  # fmt: skip
     except DatasetError as e:
         raise ValueError(f"dataset {root}: {e}") from e
@@ -91,7 +94,23 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
     if cfg.state_dim and tuple(ds[0]["observation.state"].shape) != (cfg.state_dim,):
         raise ValueError(f"dataset {root}: observation.state has shape {tuple(ds[0]['observation.state'].shape)}, "
                          f"the config has state_dim={cfg.state_dim}")  # fmt: skip
+    if cfg.env_state_dim and tuple(ds[0][ENV_STATE_KEY].shape) != (cfg.env_state_dim,):
+        raise ValueError(f"dataset {root}: {ENV_STATE_KEY} has shape {tuple(ds[0][ENV_STATE_KEY].shape)}, "
+                         f"the config has env_state_dim={cfg.env_state_dim}")  # fmt: skip
     return ds
+
+
+def env_state_key(reader: LeRobotDatasetReader, cfg: PolicyConfig, root: str) -> str | None:
+    """The environment-state feature the config trains on (``env_state_dim`` > 0), checked to exist."""
+    if not cfg.env_state_dim:
+        return None
+    if ENV_STATE_KEY not in reader.features:
+        raise ValueError(
+            f"dataset {root} has no {ENV_STATE_KEY!r}, the target of env_state_dim={cfg.env_state_dim}: collect it "
+            f"with `damvla collect metaworld --environment-state` (or a LeRobot dataset that has it), or pass "
+            f"env_state_dim=0"
+        )
+    return ENV_STATE_KEY
 
 
 def check_prompts(tasks: list[str], cfg: PolicyConfig, root: str) -> None:
