@@ -117,7 +117,7 @@ def test_train_normalises_the_target_by_the_dataset_stats_and_logs_its_loss(data
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--dataset", str(dataset), "--out", str(out), "--steps", "3",
                  "--batch-size", "4", "--num-workers", "0", "--warmup", "1", "--log-every", "1", "--val-episodes", "1",
-                 "--val-every", "3", *FAST, "env_state_dim=3", "env_state_weight=0.5"]) == 0  # fmt: skip
+                 "--val-every", "3", "--lr", "1e-9", *FAST, "env_state_dim=3", "env_state_weight=1000"]) == 0  # fmt: skip
     stats = json.loads((dataset / "meta" / "stats.json").read_text())[ENV_STATE_KEY]
     ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     weights = load_file(str(ckpt / "model.safetensors"))
@@ -125,5 +125,9 @@ def test_train_normalises_the_target_by_the_dataset_stats_and_logs_its_loss(data
     np.testing.assert_allclose(weights["env_state_std"].numpy(), np.maximum(stats["std"], 1e-3), rtol=1e-6)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss_env_state" in r for r in rows)
+    # validation keeps val_loss the action (+ router) loss, comparable to a run without the target: with the
+    # target weighted 1000 (and a learning rate that leaves the weights as they start) it stays O(1)
+    val = [r for r in rows if "val_loss" in r][-1]
+    assert 0 < val["val_loss"] < 5 and 1000 * val["val_loss_env_state"] > 50
     policy = DAMVLAPolicy.from_pretrained(ckpt)
-    assert policy.config.env_state_weight == 0.5 and policy.env_state_head is not None
+    assert policy.config.env_state_weight == 1000 and policy.env_state_head is not None

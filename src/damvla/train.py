@@ -396,7 +396,9 @@ class Trainer:
     @torch.no_grad()
     def validate(self, max_samples: int = 256, batch_size: int = 64) -> dict[str, float]:
         """On held-out episodes, with the EMA weights when EMA is on (what checkpoints export):
-        ``val_loss`` (the training loss, fixed draws, no condition dropout), and open-loop errors of the
+        ``val_loss`` (the training loss, fixed draws, no condition dropout; without the auxiliary
+        environment-state term, logged apart as ``val_loss_env_state``, so rows with and without it compare),
+        and open-loop errors of the
         sampled chunks over the steps a chunk executes (``inference.execute_steps``): ``val_action_mae``
         (mean |error| of the non-gripper dimensions, robot units) and ``val_gripper_error`` (fraction of
         wrong open/closed commands)."""
@@ -409,7 +411,7 @@ class Trainer:
         idx = np.linspace(0, n - 1, min(n, max_samples)).round().astype(int).tolist()
         k, g = cfg.inference.execute_steps, cfg.gripper_index
         dims = [d for d in range(cfg.action_dim) if d != g]
-        sums = {"val_loss": 0.0, "val_action_mae": 0.0, "val_gripper_error": 0.0}
+        sums = {"val_loss": 0.0, "val_action_mae": 0.0, "val_gripper_error": 0.0, "val_loss_env_state": 0.0}
         counts = {"loss": 0, "act": 0, "grip": 0}
         with (self.ema.applied() if self.ema is not None else contextlib.nullcontext()):
             policy.eval()
@@ -421,8 +423,10 @@ class Trainer:
                     seeds = torch.tensor([sample_seed(tc.seed, 2**32 - 1, i) for i in rows], dtype=torch.int64)
                     draws = draw_training(seeds, cfg.diffusion.repeated_steps, cfg.horizon, cfg.action_dim,
                                           cfg.diffusion.train_steps, 0.0)  # fmt: skip
-                    loss, _ = policy(batch, draws=draws)
-                    sums["val_loss"] += float(loss) * len(rows)
+                    loss, logs = policy(batch, draws=draws)
+                    aux = logs.get("loss_env_state", 0.0)
+                    sums["val_loss"] += (float(loss) - cfg.env_state_weight * aux) * len(rows)
+                    sums["val_loss_env_state"] += aux * len(rows)
                     counts["loss"] += len(rows)
                     gen = torch.Generator().manual_seed(tc.seed)
                     noise = torch.randn((len(rows), cfg.horizon, cfg.action_dim), generator=gen)
@@ -441,6 +445,8 @@ class Trainer:
                "val_action_mae": sums["val_action_mae"] / max(counts["act"], 1)}  # fmt: skip
         if g is not None:
             out["val_gripper_error"] = sums["val_gripper_error"] / max(counts["grip"], 1)
+        if cfg.env_state_dim:
+            out["val_loss_env_state"] = sums["val_loss_env_state"] / max(counts["loss"], 1)
         return out
 
     # ---- checkpoints ------------------------------------------------------------------------

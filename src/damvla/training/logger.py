@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-BAR_KEYS = ("loss", "loss_arm", "loss_gripper", "loss_action", "loss_router", "router_acc")
+BAR_KEYS = ("loss", "loss_arm", "loss_gripper", "loss_action", "loss_router", "loss_env_state", "router_acc")
 
 
 class Smoother:
@@ -97,8 +97,7 @@ def plot_losses(jsonl: Path, png: Path, title: str | None = None) -> Path | None
     # A validation record shares its step with that step's training record: keep one of each kind.
     rows = list({(r["step"], "val_loss" in r): r for r in rows if "step" in r}.values())
     rows.sort(key=lambda r: r["step"])
-    keys = [k for k in ("loss", "loss_arm", "loss_gripper", "loss_action", "loss_router", "router_acc", "lr", "grad_norm")
-            if any(k in r for r in rows)]  # fmt: skip
+    keys = [k for k in (*BAR_KEYS, "lr", "grad_norm") if any(k in r for r in rows)]
     if not keys:
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.2 * len(keys)), sharex=True, squeeze=False)
