@@ -92,3 +92,10 @@ def test_phase_flags_show_how_far_an_episode_got():
     d0 = float(np.linalg.norm(np.subtract(start["obj_init_pos"], start["goal_pos"])))
     assert up[0].info["goal_distance"]["min"] == pytest.approx(d0, abs=0.005)
     assert up[0].info["goal_distance"]["final"] == pytest.approx(d0, abs=0.005)
+    # Where the hand went (the end effector of observation.state, a little above the fingertips): the expert's
+    # grasps the puck; rising from the start moves it away, so its closest approach is the first step's, above
+    # the puck (hand minus object: z > 0).
+    assert done[0].info["hand_object"]["min"] < 0.05
+    ho = up[0].info["hand_object"]
+    assert np.linalg.norm(ho["offset_min"]) == pytest.approx(ho["min"], abs=1e-9)
+    assert ho["min"] > 0.05 and ho["offset_min"][2] > 0.05

@@ -158,6 +158,18 @@ def test_tiny_checkpoint_eval_writes_consistent_reports_and_repeats_exactly(ckpt
         assert "| " + " | ".join(cells) + " |" in (out / "report.md").read_text()
         assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in (out / "index.html").read_text()
         assert f"| {task} | {m['reached']}/2 | {m['grasped']}/2 | {m['success']}/2 |" in (out / "report.md").read_text()
+        # where the hand went, over the episodes that never reached the object
+        h = s["hand_object_unreached"]
+        unreached = [e for e in failed if not e["milestones"]["reached"]]
+        assert h["unreached"] == len(unreached)
+        if unreached:
+            offsets = np.asarray([e["hand_object"]["offset_min"] for e in unreached])
+            assert h["median_offset_min_cm"] == [round(100 * float(v), 1) for v in np.median(offsets, axis=0)]
+            assert h["median_min_cm"] == round(100 * float(np.median([e["hand_object"]["min"] for e in unreached])), 1)
+            cells = [task, str(h["unreached"]), str(h["median_min_cm"]),
+                     "(" + ", ".join(f"{v:+.1f}" for v in h["median_offset_min_cm"]) + ")"]  # fmt: skip
+            assert "| " + " | ".join(cells) + " |" in (out / "report.md").read_text()
+            assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in (out / "index.html").read_text()
     # where in the workspace: each varying coordinate of each task split at the middle of its states' range
     states = {(json.loads(x)["task"], json.loads(x)["seed"]): json.loads(x)["data"]
               for x in (out / "initial_states.jsonl").read_text().splitlines()}  # fmt: skip

@@ -837,6 +837,7 @@ def _results_doc(
     summary = summarize(records, tasks)
     add_milestones(summary, episodes, tasks)
     add_goal_distances(summary, episodes, tasks)
+    add_hand_distances(summary, episodes, tasks)
     from damvla.evaluation.placement import splits
 
     placed = splits(episodes, {(st.task, st.seed): st.data for st in states})
@@ -967,6 +968,29 @@ def add_goal_distances(summary: dict[str, Any], episodes: list[dict[str, Any]], 
     summary["overall"]["goal_distance_failed"] = medians(episodes)
 
 
+def add_hand_distances(summary: dict[str, Any], episodes: list[dict[str, Any]], tasks: list[str]) -> None:
+    """Per task and overall, over the episodes whose hand never reached the object (the env's ``reached``
+    milestone unset; every failed episode where the env has no such flag): the median closest hand-to-object
+    distance [cm] and the median hand-minus-object offset [cm] per axis at that step (``Env.step``'s
+    ``hand_offset``). A perception failure (the hand goes to the wrong place) shows as a large offset on an
+    axis; a hand that stops short shows as a small one. Only where the env reports it."""
+
+    def medians(eps: list[dict[str, Any]]) -> dict[str, Any]:
+        d = [e["hand_object"] for e in eps
+             if not e["success"] and e.get("hand_object") and not e.get("milestones", {}).get("reached", False)]  # fmt: skip
+        out: dict[str, Any] = {"unreached": len(d), "median_min_cm": None, "median_offset_min_cm": None}
+        if d:
+            out["median_min_cm"] = round(100 * float(np.median([x["min"] for x in d])), 1)
+            out["median_offset_min_cm"] = [round(100 * float(v), 1) for v in np.median([x["offset_min"] for x in d], axis=0)]
+        return out
+
+    if not any(e.get("hand_object") for e in episodes):
+        return
+    for task in tasks:
+        summary["tasks"][task]["hand_object_unreached"] = medians([e for e in episodes if e["task"] == task])
+    summary["overall"]["hand_object_unreached"] = medians(episodes)
+
+
 class _Recorder:
     """Turns each finished episode into its record (video, router plot, ``episodes.jsonl`` line) as it ends."""
 
@@ -1011,6 +1035,7 @@ class _Recorder:
             "gripper_head_fraction": float(np.mean(np.asarray(log.head[:n]) == 1)) if n else None,
             "milestones": dict(res.info.get("milestones", {})) if res is not None else {},
             "goal_distance": res.info.get("goal_distance") if res is not None else None,
+            "hand_object": res.info.get("hand_object") if res is not None else None,
             **({"instruction": res.info.get("instruction"), "reset_info": res.info.get("reset_info", {})}
                if self.simpler and res is not None else {}),  # fmt: skip
             "video": None,

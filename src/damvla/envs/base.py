@@ -130,7 +130,8 @@ class Env(abc.ABC):
         ``info["goal_distance"]``: the distance [m] between the task's object and its goal at this step;
         evaluation reports how close failed episodes came (a near miss and a policy that never carried the
         object fail differently). Optionally ``info["goal_offset"]``: object minus goal [m], xyz, whose norm is
-        that distance: which way failed episodes miss."""
+        that distance: which way failed episodes miss. Optionally ``info["hand_offset"]``: the hand minus the
+        task's object [m], xyz: where a policy that never reaches the object goes instead."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most simulators need nothing
         """Release renderer / simulator resources."""

@@ -524,6 +524,8 @@ class MetaWorldEnv(Env):
             offset = np.asarray(obs[4:7] - obs[-3:], dtype=np.float64)
             if abs(float(np.linalg.norm(offset)) - d) < 1e-6:
                 info["goal_offset"] = [float(x) for x in offset]
+        # Where the hand is against the task's (first) object: which way a policy that never reaches it misses.
+        info["hand_offset"] = [float(x) for x in obs[:3] - obs[4:7]]
         return self._observation(obs), float(reward), self._steps >= self.max_steps, info
 
     def _observation(self, native_obs: np.ndarray) -> Observation:

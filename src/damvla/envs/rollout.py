@@ -89,6 +89,8 @@ class EpisodeResult:
     ``info["milestones"]``: {name: bool}, whether the env's task-progress flag was ever set (see ``Env.step``).
     ``info["goal_distance"]``: {"min", "final"} object-to-goal distance [m], where the env reports one, and
     where it reports ``goal_offset`` too, ``offset_min`` / ``offset_final``: object minus goal [m] at those steps.
+    ``info["hand_object"]``: {"min", "offset_min"} the hand's closest distance to the object [m] and the hand
+    minus the object at that step, where the env reports ``hand_offset``.
     """
 
     task: str
@@ -171,6 +173,8 @@ class _EnvHost:
                 reply["goal_distance"] = float(info["goal_distance"])
                 if info.get("goal_offset") is not None:
                     reply["goal_offset"] = [float(x) for x in info["goal_offset"]]
+            if info.get("hand_offset") is not None:
+                reply["hand_offset"] = [float(x) for x in info["hand_offset"]]
             return self._slim(obs), reward, done, {**reply, "instruction": self.env.instruction}
         raise ValueError(f"rollout worker: unknown request {kind!r}")
 
@@ -324,6 +328,7 @@ class _Running:
     frames: list[np.ndarray] = field(default_factory=list)
     milestones: dict[str, bool] = field(default_factory=dict)  # each: reached at any step so far
     goal_distance: dict[str, Any] = field(default_factory=dict)  # {"min", "final"[, "offset_min", "offset_final"]}
+    hand_object: dict[str, Any] = field(default_factory=dict)  # {"min", "offset_min"}
     reset_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -444,6 +449,10 @@ def rollout(
                         r.goal_distance["offset_final"] = offset
                         if closer:
                             r.goal_distance["offset_min"] = offset
+                if "hand_offset" in info:
+                    h = float(np.linalg.norm(info["hand_offset"]))
+                    if h < r.hand_object.get("min", math.inf):
+                        r.hand_object = {"min": h, "offset_min": info["hand_offset"]}
                 if done or (r.success and r.spec.stop_on_success):
                     finish(
                         EpisodeResult(
@@ -457,6 +466,7 @@ def rollout(
                             info={
                                 "milestones": dict(r.milestones),
                                 **({"goal_distance": dict(r.goal_distance)} if r.goal_distance else {}),
+                                **({"hand_object": dict(r.hand_object)} if r.hand_object else {}),
                                 "instruction": r.instruction,
                                 **({"reset_info": r.reset_info} if r.reset_info else {}),
                             },

@@ -31,6 +31,26 @@ GOAL_DISTANCE_NOTE = (
 )
 
 
+HAND_OBJECT_NOTE = (
+    "Where the hand went in episodes that never reached the object: over those episodes (Meta-World: "
+    "*reached* never set), the median of the hand's closest distance to the object, in cm, and per axis the "
+    "median of the hand's position minus the object's at that step (a large value on one axis: the hand "
+    "went somewhere else; small values: it stopped short)"
+)
+
+
+def _hand_object_rows(results: dict[str, Any], overall: str) -> list[list[str]]:
+    """(task, unreached, closest, offset at the closest) cells per task and overall."""
+    rows = []
+    for task, s in [*results["tasks"].items(), (overall, results["overall"])]:
+        h = s.get("hand_object_unreached") or {}
+        offset = h.get("median_offset_min_cm")
+        cells = [h.get("unreached", 0), h.get("median_min_cm"),
+                 None if offset is None else "(" + ", ".join(f"{v:+.1f}" for v in offset) + ")"]  # fmt: skip
+        rows.append([task, *("-" if c is None else str(c) for c in cells)])
+    return rows
+
+
 def _goal_distance_rows(results: dict[str, Any], overall: str) -> list[list[str]]:
     """(task, failed, closest, final, offset at the closest) cells per task and overall, '-' where no failure
     reported one."""
@@ -154,6 +174,10 @@ def render_markdown(results: dict[str, Any], title: str, heading: str = "##", li
         lines += ["", GOAL_DISTANCE_NOTE + " (`obj_to_target` in Meta-World).", "",
                   "| task | failed | closest | final | object - goal at the closest (x, y, z) |", "|---|---|---|---|---|"]  # fmt: skip
         lines += ["| " + " | ".join(cells) + " |" for cells in _goal_distance_rows(results, "**all**")]
+    if "hand_object_unreached" in ov:
+        lines += ["", HAND_OBJECT_NOTE + ".", "", "| task | never reached | closest | hand - object at the closest (x, y, z) |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += ["| " + " | ".join(cells) + " |" for cells in _hand_object_rows(results, "**all**")]
     if results.get("placement"):
         head, rows = placement.table([placement.Split(**d) for d in results["placement"]])
         lines += ["", f"{placement.TITLE}: {placement.NOTE}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -256,6 +280,12 @@ def render_html(results: dict[str, Any], title: str) -> str:
         out.append('<table id="goal-distance"><thead><tr><th>task</th><th>failed</th><th>closest</th>'
                    "<th>final</th><th>object &minus; goal at the closest (x, y, z)</th></tr></thead><tbody>")  # fmt: skip
         out += ["<tr>" + "".join(f"<td>{_h(c)}</td>" for c in cells) + "</tr>" for cells in _goal_distance_rows(results, "all")]
+        out.append("</tbody></table>")
+    if "hand_object_unreached" in ov:
+        out.append(f'<h2>Where the hand went</h2><p class="note">{_h(HAND_OBJECT_NOTE)}.</p>')
+        out.append('<table id="hand-object"><thead><tr><th>task</th><th>never reached</th><th>closest</th>'
+                   "<th>hand &minus; object at the closest (x, y, z)</th></tr></thead><tbody>")  # fmt: skip
+        out += ["<tr>" + "".join(f"<td>{_h(c)}</td>" for c in cells) + "</tr>" for cells in _hand_object_rows(results, "all")]
         out.append("</tbody></table>")
     if results.get("placement"):
         head, rows = placement.table([placement.Split(**d) for d in results["placement"]])
