@@ -147,24 +147,24 @@ class DAMVLAPolicy(nn.Module):
         """Normalisation of ``observation.state`` (dataset mean / std; std floored at 1e-3)."""
         if not self.config.state_dim:
             raise ValueError("set_state_stats: the policy does not read the state (state_dim=0)")
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std_t = torch.as_tensor(std, dtype=torch.float32).flatten().clamp_min(1e-3)
-        if mean_t.numel() != self.config.state_dim or std_t.numel() != self.config.state_dim:
-            raise ValueError(f"state stats have {mean_t.numel()} dims, config state_dim={self.config.state_dim}")
-        self.state_mean.copy_(mean_t)
-        self.state_std.copy_(std_t)
+        self._set_stats("state", "state stats", "state_dim", mean, std)
 
     def set_env_state_stats(self, mean: Any, std: Any) -> None:
         """Normalisation of ``observation.environment_state`` (dataset mean / std; std floored at 1e-3, so a
         dimension that never varies, e.g. Meta-World's padding for an absent second object, is a constant 0)."""
         if not self.config.env_state_dim:
             raise ValueError("set_env_state_stats: the policy has no environment-state target (env_state_dim=0)")
+        self._set_stats("env_state", "environment-state stats", "env_state_dim", mean, std)
+
+    def _set_stats(self, prefix: str, what: str, dim_field: str, mean: Any, std: Any) -> None:
+        """Copy a dataset mean / std (std floored at 1e-3) into the buffers ``{prefix}_mean`` / ``{prefix}_std``."""
+        dim = getattr(self.config, dim_field)
         mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
         std_t = torch.as_tensor(std, dtype=torch.float32).flatten().clamp_min(1e-3)
-        if mean_t.numel() != self.config.env_state_dim or std_t.numel() != self.config.env_state_dim:
-            raise ValueError(f"environment-state stats have {mean_t.numel()} dims, config env_state_dim={self.config.env_state_dim}")
-        self.env_state_mean.copy_(mean_t)
-        self.env_state_std.copy_(std_t)
+        if mean_t.numel() != dim or std_t.numel() != dim:
+            raise ValueError(f"{what} have {mean_t.numel()} dims, config {dim_field}={dim}")
+        getattr(self, f"{prefix}_mean").copy_(mean_t)
+        getattr(self, f"{prefix}_std").copy_(std_t)
 
     def env_state_loss(self, f_cog: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """The auxiliary loss: mean squared error of the regressor's normalised environment state (our choice)."""
