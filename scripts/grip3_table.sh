@@ -5,6 +5,8 @@
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
 #   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
+#   THREADS=2 WORKERS=2 scripts/grip3_table.sh ...    # train on 2 threads, evaluate with 2 workers (default 1 and 1:
+#                                                     # two rows side by side on a 2-core machine)
 #
 # VARIANT (default grip3): grip3 -- the suite, 52 demonstrations per task (50 train, 2 validation);
 # release -- pick-place-v3 alone, its demonstrations opening the gripper at the goal (2 gripper flips);
@@ -27,6 +29,8 @@ set -euo pipefail
 DAMVLA=${DAMVLA:-.venv/bin/damvla}
 WORK=${WORK:-/work}
 STEPS=${STEPS:-9000}  # training steps; another value is a table of its own (below)
+THREADS=${THREADS:-1}  # torch threads of `damvla train` (results do not depend on it beyond float rounding)
+WORKERS=${WORKERS:-1}  # evaluation worker processes (episodes are seeded one by one, so the same results)
 VARIANT=${VARIANT:-grip3}
 CAMERA=corner4
 case $VARIANT in
@@ -103,14 +107,14 @@ if [ -f "$RUN/checkpoints/latest" ]; then
 else
     "$DAMVLA" train --preset cpu --dataset "$DATA" --out "$RUN" --steps $STEPS --batch-size 32 --lr 3e-4 \
         --warmup 300 --schedule cosine --seed "$SEED" "${ABLATION[@]}" --ema 0.999 --val-episodes 6 \
-        --val-every 1000 --save-every 1000 --threads 1 "$STATE" "${EXTRA[@]}"
+        --val-every 1000 --save-every 1000 --threads "$THREADS" "$STATE" "${EXTRA[@]}"
 fi
 if [ -f "$EVAL/results.json" ] && ! grep -q '"complete": false' "$EVAL/results.json"; then
     echo "$EVAL is complete: not evaluated again"
 else
     resume=()
     [ -f "$EVAL/run.json" ] && resume=(--resume)
-    "$DAMVLA" eval "$RUN" --policy checkpoint --suite "$SUITE" --episodes 50 --out "$EVAL" --workers 1 --seed 0 \
+    "$DAMVLA" eval "$RUN" --policy checkpoint --suite "$SUITE" --episodes 50 --out "$EVAL" --workers "$WORKERS" --seed 0 \
         --videos 1 --plots 3 --device cpu --threads 1 --max-steps 300 "${resume[@]}"
 fi
 table "$ROW" "$SEED" "$EVAL" "$RUN"
