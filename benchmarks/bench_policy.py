@@ -32,8 +32,9 @@ def synthetic_batch(cfg: PolicyConfig, b: int, seed: int = 0) -> dict[str, Any]:
         action[..., cfg.gripper_index] = (action[..., cfg.gripper_index] > 0).float()
     pad = torch.zeros(b, h, dtype=torch.bool)
     pad[:, 3 * h // 4 :] = True  # the end-of-episode windows a real loader produces
-    return {
-        f"observation.images.{cfg.vision.camera}": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g),
+    images = {f"observation.images.{c}": torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=g)
+              for c in cfg.vision.cameras}  # fmt: skip
+    return images | {
         "task": [f"pick up the block number {i % 10}" for i in range(b)],
         "action": action,
         "action_is_pad": pad,

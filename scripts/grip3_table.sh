@@ -14,7 +14,8 @@
 # camera (damvla.envs.metaworld.FREE_CAMERAS) instead of corner4; front -- grip3 rendered by our free "front"
 # camera, facing the robot across the table (objects at -x no longer project under the hand's fingers);
 # dart -- grip3 collected with `--noise 0.3` (DART: perturbed execution, the expert's labels;
-# damvla.envs.collect). Each variant has its own data, run folders, records and table.
+# damvla.envs.collect); front2 -- grip3 seen by the front camera and corner4 together (`--extra-cameras corner4`,
+# every row reads both: vision.extra_cameras). Each variant has its own data, run folders, records and table.
 #
 # A row costs 1.5-2 hours on one core, more than a working session can keep a machine, so every piece
 # resumes: the dataset is collected once, training continues from its last checkpoint (`--resume`), the
@@ -33,6 +34,7 @@ THREADS=${THREADS:-1}  # torch threads of `damvla train` (results do not depend 
 WORKERS=${WORKERS:-1}  # evaluation worker processes (episodes are seeded one by one, so the same results)
 VARIANT=${VARIANT:-grip3}
 CAMERA=corner4
+VISION=()  # policy overrides every row of the variant gets
 case $VARIANT in
     grip3)
         SUITE=grip3; DEMOS=52; COLLECT=(); DATA=$WORK/data/grip3_52; TAG=v2
@@ -52,7 +54,11 @@ case $VARIANT in
     dart)
         SUITE=grip3; DEMOS=52; COLLECT=(--noise 0.3 --max-tries 250); DATA=$WORK/data/grip3_dart03_52; TAG=v2dart
         TITLE="DAM-VLA vs CogACT on grip3 with DART demonstrations (executed xyz perturbed, std 0.3; expert labels): cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
-    *) echo "VARIANT must be grip3, release, demos200, workspace, front or dart, got '$VARIANT'" >&2; exit 2 ;;
+    front2)
+        SUITE=grip3; DEMOS=52; COLLECT=(--extra-cameras corner4); CAMERA=front; DATA=$WORK/data/grip3_front_corner4_52
+        TAG=v2front2; VISION=('vision.extra_cameras=["corner4"]')
+        TITLE="DAM-VLA vs CogACT on grip3 seen by two cameras, front and corner4: cpu preset, 50 demonstrations and 50 held-out episodes per task, 300-step limit" ;;
+    *) echo "VARIANT must be grip3, release, demos200, workspace, front, dart or front2, got '$VARIANT'" >&2; exit 2 ;;
 esac
 RECORDS=docs/records/$VARIANT
 if [ "$STEPS" != 9000 ]; then  # a longer (or shorter) recipe: its own run folders, records and table
@@ -107,7 +113,7 @@ if [ -f "$RUN/checkpoints/latest" ]; then
 else
     "$DAMVLA" train --preset cpu --dataset "$DATA" --out "$RUN" --steps $STEPS --batch-size 32 --lr 3e-4 \
         --warmup 300 --schedule cosine --seed "$SEED" "${ABLATION[@]}" --ema 0.999 --val-episodes 6 \
-        --val-every 1000 --save-every 1000 --threads "$THREADS" "$STATE" "${EXTRA[@]}"
+        --val-every 1000 --save-every 1000 --threads "$THREADS" "$STATE" "${EXTRA[@]}" "${VISION[@]}"
 fi
 if [ -f "$EVAL/results.json" ] && ! grep -q '"complete": false' "$EVAL/results.json"; then
     echo "$EVAL is complete: not evaluated again"

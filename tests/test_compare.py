@@ -143,6 +143,9 @@ def test_reproduction_commands_name_init_and_the_data_recipe_options(tmp_path):
     recipe.update(policy=None, noise=0.3, max_tries=250, **{"from": None})
     (ckpt / "metadata.json").write_text(json.dumps({"source": "/data/dart", "damvla": {"recipe": recipe}}))
     assert _collect_command(tmp_path / "t").endswith("--max-steps 300 --noise 0.3 --max-tries 250")
+    recipe.update(noise=None, max_tries=30, environment_state=True, extra_cameras=["corner4", "corner2"])
+    (ckpt / "metadata.json").write_text(json.dumps({"source": "/data/two", "damvla": {"recipe": recipe}}))
+    assert _collect_command(tmp_path / "t").endswith("--max-steps 300 --environment-state --extra-cameras corner4,corner2")
 
 
 def _placed_eval(d, name, outcomes):

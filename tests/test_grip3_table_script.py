@@ -105,6 +105,15 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     assert "--keep-records docs/records/front" in front[3]
     env["VARIANT"] = "dart"
     assert "--noise 0.3" in run("damvla", "0")[0]
+    env["VARIANT"] = "front2"  # two cameras: collected together, read by every row
+    two = run("damvla-envstate", "0")
+    assert "--camera front" in two[0] and two[0].endswith("--extra-cameras corner4 --environment-state")
+    assert f"--out {work}/data/grip3_front_corner4_52_envstate" in two[0]
+    assert two[1].endswith('env_state_dim=39 vision.extra_cameras=["corner4"]')
+    env["THREADS"], env["WORKERS"] = "2", "2"
+    threaded = run("cogact", "0")
+    assert "--threads 2" in threaded[-3] and "--workers 2" in threaded[-2]
+    del env["THREADS"], env["WORKERS"]
     env["VARIANT"], env["STEPS"] = "grip3", "18000"
     longer = run("cogact", "2")
     assert [c.split()[0] for c in longer] == ["train", "eval", "compare"]  # the grip3 data is there already

@@ -165,17 +165,17 @@ def test_observation_map_maps_openpi_keys_to_the_policy_batch():
 
 def test_observation_map_from_inline_json_and_file(tmp_path):
     spec = {"images": {"observation/exterior_image_1_left": "front"}, "state": None, "resize": "pad"}
-    m = ObservationMap.load(json.dumps(spec), camera="front")
+    m = ObservationMap.load(json.dumps(spec), cameras="front")
     assert m.required == ["observation/exterior_image_1_left"] and m.state is None and m.prompt == "prompt"
     f = tmp_path / "map.json"
     f.write_text(json.dumps(spec))
-    assert ObservationMap.load(str(f), camera="front") == m
+    assert ObservationMap.load(str(f), cameras="front") == m
     with pytest.raises(ValueError, match="camera 'image'"):
-        ObservationMap.load(json.dumps(spec), camera="image")
+        ObservationMap.load(json.dumps(spec), cameras="image")
     with pytest.raises(ValueError, match="unknown keys"):
-        ObservationMap.load('{"imgs": {}}', camera="image")
+        ObservationMap.load('{"imgs": {}}', cameras="image")
     with pytest.raises(FileNotFoundError):
-        ObservationMap.load("no/such/map.json", camera="image")
+        ObservationMap.load("no/such/map.json", cameras="image")
 
 
 def test_resize_passes_model_sized_images_through_and_pads_when_asked():

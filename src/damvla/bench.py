@@ -83,7 +83,9 @@ def make_inputs(cfg: PolicyConfig, batch: int, device: torch.device | str, seed:
     g = torch.Generator().manual_seed(seed)
     s = cfg.vision.image_size
     images = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g)
-    return {f"observation.images.{cfg.vision.camera}": images.to(device), "task": [INSTRUCTION] * batch}
+    # every camera the policy reads gets the same frames: the cost, not the content, is measured
+    out: dict[str, Any] = {f"observation.images.{c}": images.to(device) for c in cfg.vision.cameras}
+    return out | {"task": [INSTRUCTION] * batch}
 
 
 class _Clock:

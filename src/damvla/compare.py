@@ -190,6 +190,10 @@ def _collect_command(train_dir: Path) -> str | None:
             args += [flag, str(recipe[key])]
     if recipe.get("max_tries") and recipe["max_tries"] != 2 * int(recipe["episodes_per_task"]) + 10:
         args += ["--max-tries", str(recipe["max_tries"])]
+    if recipe.get("environment_state"):
+        args.append("--environment-state")
+    if recipe.get("extra_cameras"):
+        args += ["--extra-cameras", ",".join(recipe["extra_cameras"])]
     return shlex.join(args)
 
 

@@ -45,6 +45,12 @@ class VisionConfig:
     siglip: EncoderConfig | None = field(default_factory=lambda: EncoderConfig(1152, 27, 16, 4304, 14))
     # Which camera the VLM reads (a LeRobot key suffix: observation.images.<camera>).
     camera: str = "image"
+    # Further cameras the VLM reads, in this order after `camera` (LeRobot key suffixes; our choice, off in
+    # every preset, docs/method.md). Each goes through the same vision tower; the LLM reads every camera's
+    # patch tokens, each camera's tokens marked by a learned camera code, the arm head reads every camera's
+    # class token and the gripper queries attend over every camera's patches. `damvla collect metaworld
+    # --extra-cameras NAME` stores Meta-World camera NAME as observation.images.NAME.
+    extra_cameras: list[str] = field(default_factory=list)
     # Frozen encoders never train and always run in eval mode; training then reads their features from
     # a cache computed once per dataset frame (damvla.training.feature_cache).
     frozen: bool = False
@@ -66,7 +72,13 @@ class VisionConfig:
     patch_position: bool = False
 
     @property
+    def cameras(self) -> list[str]:
+        """Every camera the VLM reads, `camera` first."""
+        return [self.camera, *self.extra_cameras]
+
+    @property
     def num_patches(self) -> int:
+        """Patch tokens of one camera."""
         return (self.image_size // self.dinov2.patch_size // self.patch_pool) ** 2
 
     @property
@@ -75,8 +87,8 @@ class VisionConfig:
 
     @property
     def num_local_tokens(self) -> int:
-        """Tokens the gripper head reads under VT: learned queries if configured, else the registers."""
-        return self.gripper_queries or self.dinov2.num_register_tokens
+        """Tokens the gripper head reads under VT: learned queries if configured, else every camera's registers."""
+        return self.gripper_queries or self.dinov2.num_register_tokens * len(self.cameras)
 
 
 @dataclass
@@ -211,6 +223,12 @@ class PolicyConfig:
                 f"vision.patch_pool={self.vision.patch_pool} must be >= 1 and divide the patch grid side "
                 f"{self.vision.image_size // self.vision.dinov2.patch_size}"
             )
+        if not isinstance(self.vision.extra_cameras, (list, tuple)):
+            errs.append(f"vision.extra_cameras must be a list of camera names (override: vision.extra_cameras='[\"NAME\"]'), "
+                        f"got {self.vision.extra_cameras!r}")  # fmt: skip
+        cams = self.vision.cameras if isinstance(self.vision.extra_cameras, (list, tuple)) else [self.vision.camera]
+        if not all(isinstance(c, str) and c and "/" not in c for c in cams) or len(set(cams)) != len(cams):
+            errs.append(f"vision.camera and vision.extra_cameras must be distinct non-empty camera names, got {cams}")
         if self.vision.gripper_queries < 0 or self.vision.arm_queries < 0 or self.state_dim < 0 or self.env_state_dim < 0:
             errs.append("vision.gripper_queries, vision.arm_queries, state_dim and env_state_dim must be >= 0")
         if self.env_state_weight < 0:

@@ -129,6 +129,7 @@ class EnvSetup:
     action_mapping: dict[str, Any]
     camera: str
     resolution: int
+    extra_cameras: list[str] = field(default_factory=list)  # rendered as observation.images.<name>
     training_seeds: dict[str, set[int]] = field(default_factory=dict)
     sigma_lead: float = 6.0
     sigma_trail: float = 2.0
@@ -180,12 +181,16 @@ def check_checkpoint(policy: Any, tasks: list[str], camera: str | None, resoluti
     if policy.image_key != CAMERA_KEY:
         raise ValueError(
             f"{where}: the policy reads {policy.image_key!r} (vision.camera={cfg.vision.camera!r}); the "
-            f"evaluation envs provide one camera as {CAMERA_KEY!r}"
+            f"evaluation envs provide their camera as {CAMERA_KEY!r}"
         )
+    # Extra cameras: `damvla collect metaworld --extra-cameras NAME` stores Meta-World camera NAME under
+    # observation.images.NAME, so the name the policy reads is the camera the envs render.
+    extra = list(cfg.vision.extra_cameras)
     keys = meta.get("camera_keys")
-    if keys is not None and list(keys) != [CAMERA_KEY]:
+    if keys is not None and list(keys) != policy.image_keys:
         raise ValueError(
-            f"checkpoint metadata.json: camera_keys={keys}, but the envs provide [{CAMERA_KEY!r}]"
+            f"checkpoint metadata.json: camera_keys={keys}, but the policy reads {policy.image_keys} and the envs "
+            f"provide {[CAMERA_KEY] + [f'observation.images.{c}' for c in extra]}"
         )
     dam = meta.get("damvla") or {}
     mapping = dam.get("action_mapping")
@@ -210,6 +215,12 @@ def check_checkpoint(policy: Any, tasks: list[str], camera: str | None, resoluti
         except ValueError as e:
             raise ValueError(f"checkpoint metadata.json: {e}") from e
     recipe = dam.get("recipe") or {}
+    if extra and list(recipe.get("extra_cameras") or []) != extra:
+        raise ValueError(
+            f"{where}: vision.extra_cameras={extra}, but the training data rendered extra cameras "
+            f"{recipe.get('extra_cameras') or []} (metadata.json damvla.recipe.extra_cameras): the envs can render "
+            "only cameras recorded by `damvla collect metaworld --extra-cameras`"
+        )
     trained_camera, trained_res = recipe.get("camera"), recipe.get("resolution")
     if camera is not None and trained_camera is not None and camera != trained_camera:
         raise ValueError(
@@ -224,6 +235,7 @@ def check_checkpoint(policy: Any, tasks: list[str], camera: str | None, resoluti
     return EnvSetup(
         action_mapping=dict(mapping),
         camera=camera or trained_camera or DEFAULT_CAMERA,
+        extra_cameras=extra,
         resolution=int(resolution or trained_res or DEFAULT_RESOLUTION),
         training_seeds=training_seeds(meta),
         sigma_lead=float(meta.get("sigma_lead") or cfg.weighting.sigma_lead),
@@ -723,6 +735,7 @@ def evaluate(opts: EvalOptions, invoked_as: list[str] | None = None) -> dict[str
             s.task,
             s,
             camera=setup.camera,
+            extra_cameras=tuple(setup.extra_cameras),
             resolution=setup.resolution,
             max_steps=opts.max_steps,
             action_mapping=setup.action_mapping,
@@ -851,6 +864,7 @@ def _results_doc(
         },
         "tasks": tasks,
         "camera": setup.camera,
+        "extra_cameras": setup.extra_cameras,
         "resolution": setup.resolution,
         "initial_states": "initial_states.jsonl",
     }

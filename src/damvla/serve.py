@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(threads)
         log.info("inference on %d CPU thread(s) (--threads)", threads)
-    obs_map = ObservationMap.load(args.obs_map, policy.config.vision.camera)
+    obs_map = ObservationMap.load(args.obs_map, policy.config.vision.cameras)
     server = PolicyServer(
         policy,
         host=args.host,

@@ -215,24 +215,25 @@ class Trainer:
                 live = {k: v for k, v in policy.state_dict().items() if k.startswith("vision.")} | live
             load_into(policy, live, f"{resume_from}")
         # After the weights are final: the cache is keyed by the frozen tower's weights.
-        self.feature_cache: FeatureCache | None = None
+        self.feature_caches: list[FeatureCache] = []  # one per camera, when training reads cached features
         if cfg.vision.frozen and tc.feature_cache != "off":
             if tc.aug_shift or tc.aug_color:
                 raise ValueError("image augmentation (--aug-shift/--aug-color) needs images, but the frozen vision "
                                  "tower's features come from the cache: pass --feature-cache off to augment")  # fmt: skip
-            cache = FeatureCache.for_policy(policy, full, None if tc.feature_cache == "auto" else tc.feature_cache)
-            if not cache.complete and ctx.is_main:
-                print(f"computing the frozen encoder's features once per frame into {cache.dir}", flush=True)
-            cache.build(policy.vision.to(ctx.device), full, progress=ctx.is_main)
-            self.feature_cache = cache
-            self.dataset = CachedFeatureDataset(self.dataset, cache)
+            caches = FeatureCache.for_cameras(policy, full, None if tc.feature_cache == "auto" else tc.feature_cache)
+            for key, cache in zip(full.camera_keys, caches):
+                if not cache.complete and ctx.is_main:
+                    print(f"computing the frozen encoder's features of {key} once per frame into {cache.dir}", flush=True)
+                cache.build(policy.vision.to(ctx.device), full, progress=ctx.is_main, camera_key=key)
+            self.feature_caches = caches
+            self.dataset = CachedFeatureDataset(self.dataset, caches)
             if self.val_dataset is not None:
-                self.val_dataset = CachedFeatureDataset(self.val_dataset, cache)
+                self.val_dataset = CachedFeatureDataset(self.val_dataset, caches)
         if tc.block_episodes is None:  # resolved once and saved with the run, so resuming keeps the order
-            fits = len(full) * 3 * cfg.vision.image_size**2 <= full.cache_bytes
-            tc.block_episodes = self.dataset.num_episodes if (self.feature_cache or fits) else 8
+            fits = len(full) * len(cfg.vision.cameras) * 3 * cfg.vision.image_size**2 <= full.cache_bytes
+            tc.block_episodes = self.dataset.num_episodes if (self.feature_caches or fits) else 8
         if tc.num_workers is None:
-            tc.num_workers = 0 if (self.feature_cache or (os.cpu_count() or 1) <= 4) else 4
+            tc.num_workers = 0 if (self.feature_caches or (os.cpu_count() or 1) <= 4) else 4
         self.policy = policy.to(ctx.device)
         self.report, self.counts = parameter_report(policy)
         if self.model is None:  # (--init with FSDP2 sharded the model while building it)
@@ -353,8 +354,8 @@ class Trainer:
         for k, mb in enumerate(micro):
             seeds = mb.pop(SEED_KEY)
             if tc.aug_shift or tc.aug_color:
-                key = self.policy.image_key
-                mb[key] = augment_images(mb[key], seeds, tc.aug_shift, tc.aug_color)
+                for key in self.policy.image_keys:
+                    mb[key] = augment_images(mb[key], seeds, tc.aug_shift, tc.aug_color)
             draws = draw_training(seeds, r, cfg.horizon, cfg.action_dim, cfg.diffusion.train_steps, cfg.diffusion.cond_dropout)
             last = k == len(micro) - 1
             autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -578,8 +579,8 @@ class Trainer:
         if self.val_dataset is not None:
             self.print(f"validation: {self.val_dataset.num_episodes} held-out episodes "
                        f"({len(self.val_dataset)} samples), every {tc.val_every} steps")  # fmt: skip
-        if self.feature_cache is not None:
-            self.print(f"frozen vision features: cache {self.feature_cache.dir}")
+        if self.feature_caches:
+            self.print(f"frozen vision features: cache {', '.join(str(c.dir) for c in self.feature_caches)}")
         self.print(f"threads {torch.get_num_threads()}, data workers {tc.num_workers}, "
                    f"shuffle blocks of {tc.block_episodes} episodes")  # fmt: skip
         mode = ("FSDP2" if is_fsdp(self.model) else "DDP") if ctx.distributed else "single process"

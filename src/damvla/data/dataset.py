@@ -2,7 +2,7 @@
 
 Per sample (frame t of an episode of length T)::
 
-    observation.images.<cam>  uint8 (3, S, S)   the camera at t, resized to the model's size S
+    observation.images.<cam>  uint8 (3, S, S)   each selected camera at t, resized to the model's size S
     observation.state         float32 (S_dim,)
     observation.environment_state  float32 (E,)  only with ``env_state_key`` (an auxiliary training target)
     task                      str
@@ -126,7 +126,8 @@ class PolicyDataset(Dataset):
         root: dataset folder.
         horizon: H, the action-chunk length.
         image_size: S, the model's square input size (``config.vision.image_size``).
-        camera: camera name (``observation.images.<camera>``) or a full feature key.
+        camera: camera name (``observation.images.<camera>``) or a full feature key, or a list of them (every
+            sample then holds each camera; the first is ``camera_key``).
         gripper_index: gripper dimension of the action; default ``info["damvla"]["gripper_index"]``. Required
             unless ``phase_key`` is given (then ``None`` means: no gripper, every dimension normalised).
         gripper_threshold: raw value separating open and closed; default ``info["damvla"]["gripper_threshold"]``,
@@ -158,7 +159,7 @@ class PolicyDataset(Dataset):
         root: str | Path,
         horizon: int = 16,
         image_size: int = 224,
-        camera: str = "image",
+        camera: str | Sequence[str] = "image",
         gripper_index: int | None = None,
         gripper_threshold: float | None = None,
         sigma_lead: float = 6.0,
@@ -192,9 +193,14 @@ class PolicyDataset(Dataset):
         self.cache_bytes = int(cache_bytes)
 
         # -- features ---------------------------------------------------------------------------
-        self.camera_key = camera if camera in r.features else f"observation.images.{camera}"
-        if self.camera_key not in r.features or r.features[self.camera_key]["dtype"] not in CAMERA_DTYPES:
-            raise DatasetError(f"{info_path}: missing feature {self.camera_key!r} (cameras: {r.camera_keys})")
+        cams = [camera] if isinstance(camera, str) else list(camera)
+        if not cams:
+            raise ValueError("camera: at least one camera is needed")
+        self.camera_keys = [c if c in r.features else f"observation.images.{c}" for c in cams]
+        for key in self.camera_keys:
+            if key not in r.features or r.features[key]["dtype"] not in CAMERA_DTYPES:
+                raise DatasetError(f"{info_path}: missing feature {key!r} (cameras: {r.camera_keys})")
+        self.camera_key = self.camera_keys[0]
         for k in (action_key, state_key) + tuple(k for k in (phase_key, env_state_key) if k):
             if k not in r.features:
                 raise DatasetError(f"{info_path}: missing feature {k!r} (have {sorted(r.features)})")
@@ -235,7 +241,7 @@ class PolicyDataset(Dataset):
             raise ValueError(f"{self.root}: no episodes selected")
         for e in self.episode_indices:
             r.episode(e)  # raises for unknown episodes
-        if r.camera_keys and self.camera_key in r.video_keys:
+        if any(k in r.video_keys for k in self.camera_keys):
             self._probe_videos()
         raw = self._load_lowdim(progress)
 
@@ -266,7 +272,7 @@ class PolicyDataset(Dataset):
 
         # -- per-episode precomputation (once) ---------------------------------------------------
         self._precompute(raw)
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
         self._cache_used = 0
 
     # ------------------------------------------------------------------------------------------
@@ -301,21 +307,24 @@ class PolicyDataset(Dataset):
         import av
 
         seen: set[Path] = set()
-        for e in self.episode_indices:
-            p = self.reader.video_path(e, self.camera_key)
-            if p in seen:
+        for key in self.camera_keys:
+            if key not in self.reader.video_keys:
                 continue
-            seen.add(p)
-            if not p.is_file():
-                raise DatasetError(f"{p}: video file of episode {e} ({self.camera_key}) not found")
-            try:
-                with av.open(str(p)) as c:
-                    if not c.streams.video:
-                        raise DatasetError(f"{p}: episode {e}: no video stream")
-            except DatasetError:
-                raise
-            except Exception as ex:
-                raise DatasetError(f"{p}: episode {e}: cannot open video ({type(ex).__name__}: {ex})") from ex
+            for e in self.episode_indices:
+                p = self.reader.video_path(e, key)
+                if p in seen:
+                    continue
+                seen.add(p)
+                if not p.is_file():
+                    raise DatasetError(f"{p}: video file of episode {e} ({key}) not found")
+                try:
+                    with av.open(str(p)) as c:
+                        if not c.streams.video:
+                            raise DatasetError(f"{p}: episode {e}: no video stream")
+                except DatasetError:
+                    raise
+                except Exception as ex:
+                    raise DatasetError(f"{p}: episode {e}: cannot open video ({type(ex).__name__}: {ex})") from ex
 
     def _load_lowdim(self, progress: bool | None) -> list[dict[str, np.ndarray]]:
         r = self.reader
@@ -463,12 +472,14 @@ class PolicyDataset(Dataset):
         s = int(self._ep_start[position])
         return s, s + int(self._ep_len[position])
 
-    def _episode_frames(self, p: int) -> torch.Tensor:
-        """uint8 (T, 3, h, w) frames of episode position p, from the cache or decoded (and resized when smaller)."""
-        if p in self._cache:
-            self._cache.move_to_end(p)
-            return self._cache[p]
-        frames = self.reader.episode_frames(self.episode_indices[p], self.camera_key)  # (T, H, W, 3)
+    def _episode_frames(self, p: int, key: str | None = None) -> torch.Tensor:
+        """uint8 (T, 3, h, w) frames of camera ``key`` (default ``camera_key``) of episode position p, from the
+        cache or decoded (and resized when smaller)."""
+        key = key or self.camera_key
+        if (p, key) in self._cache:
+            self._cache.move_to_end((p, key))
+            return self._cache[p, key]
+        frames = self.reader.episode_frames(self.episode_indices[p], key)  # (T, H, W, 3)
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
         h, w = x.shape[-2:]
         # Cache whichever is smaller: resized frames (resize once per episode) or the originals (upsampling
@@ -479,7 +490,7 @@ class PolicyDataset(Dataset):
             _, old = self._cache.popitem(last=False)
             self._cache_used -= old.numel()
         if nbytes <= self.cache_bytes:
-            self._cache[p] = x
+            self._cache[p, key] = x
             self._cache_used += nbytes
         return x
 
@@ -498,10 +509,11 @@ class PolicyDataset(Dataset):
         rows = s + np.minimum(steps, t - 1)  # past the end: repeat the last action (LeRobot's padding)
         out: dict[str, Any] = {}
         if image:
-            img = self._episode_frames(p)[f]
-            if img.shape[-2:] != (self.image_size, self.image_size):
-                img = resize_images(img[None], self.image_size)[0]
-            out[self.camera_key] = img
+            for key in self.camera_keys:
+                img = self._episode_frames(p, key)[f]
+                if img.shape[-2:] != (self.image_size, self.image_size):
+                    img = resize_images(img[None], self.image_size)[0]
+                out[key] = img
         if self._env_states is not None:
             out[ENV_STATE_KEY] = torch.from_numpy(self._env_states[s + f])
         return out | {
@@ -527,7 +539,7 @@ class PolicyDataset(Dataset):
             "robot_type": r.info.get("robot_type"),
             "fps": r.fps,
             "camera_key": self.camera_key,
-            "camera_keys": [self.camera_key],
+            "camera_keys": list(self.camera_keys),
             "image_size": self.image_size,
             "horizon": self.horizon,
             "action_key": self.action_key,
@@ -611,12 +623,13 @@ def file_sha256(path: Path) -> str:
 
 def dataset_content_fingerprint(ds: PolicyDataset) -> str:
     """sha256 over what training reads: every file under ``meta/`` and ``data/`` (actions, states and,
-    in image datasets, the frames live in ``data/``) plus the selected camera's video files, as
+    in image datasets, the frames live in ``data/``) plus the selected cameras' video files, as
     (sorted relative path, sha256 of bytes). Two datasets with the same length but other actions differ."""
     root = ds.root
     files = {p for sub in ("meta", "data") for p in (root / sub).rglob("*") if p.is_file()}
-    if ds.camera_key in ds.reader.video_keys:
-        files |= {ds.reader.video_path(e, ds.camera_key) for e in ds.episode_indices}
+    for key in ds.camera_keys:
+        if key in ds.reader.video_keys:
+            files |= {ds.reader.video_path(e, key) for e in ds.episode_indices}
     h = hashlib.sha256()
     for rel in sorted(str(p.relative_to(root)) for p in files):
         h.update(f"{rel}:{file_sha256(root / rel)}\n".encode())

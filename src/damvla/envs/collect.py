@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class CollectJob:
     policy: str | None = None  # DAgger: a checkpoint folder whose actions are executed (the expert labels)
     beta: float = 0.0  # DAgger: per-step probability of executing the expert's command instead
     environment_state: bool = False  # also record Meta-World's full observation (ENV_STATE_KEY)
+    extra_cameras: tuple[str, ...] = ()  # further cameras, recorded as observation.images.<name>
 
 
 # DART-style collection (Laskey et al. 2017, "DART: Noise Injection for Robust Imitation Learning"): the
@@ -71,7 +73,7 @@ MIX_STREAM = 0xDA66  # the per-step expert/learner choice's random stream, seede
 
 
 # ---- worker side ---------------------------------------------------------------------------------
-_WORKER_ENV: Any = None  # (task, camera, resolution, max_steps) -> MetaWorldEnv, one at a time per worker
+_WORKER_ENV: Any = None  # (task, cameras, resolution, max_steps) -> MetaWorldEnv, one at a time per worker
 _WORKER_POLICY: Any = None  # (checkpoint folder, DAMVLAPolicy): loaded once per worker
 
 
@@ -96,10 +98,11 @@ def _get_env(job: CollectJob) -> Any:
     global _WORKER_ENV
     from damvla.envs.metaworld import MetaWorldEnv
 
-    spec = (job.task, job.camera, job.resolution, job.max_steps)
+    spec = (job.task, job.camera, job.extra_cameras, job.resolution, job.max_steps)
     if _WORKER_ENV is None or _WORKER_ENV[0] != spec:
         _close_worker_env()
-        _WORKER_ENV = (spec, MetaWorldEnv(job.task, job.camera, job.resolution, job.max_steps))
+        env = MetaWorldEnv(job.task, job.camera, job.resolution, job.max_steps, extra_cameras=job.extra_cameras)
+        _WORKER_ENV = (spec, env)
     return _WORKER_ENV[1]
 
 
@@ -120,7 +123,8 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
 
     Returns a dict with ``task, seed, key, success, success_final, steps, initial_state`` and, when
     successful, ``frames``: ``{CAMERA_KEY: uint8 (T, H, W, 3), "observation.state": float32 (T, 4),
-    "action": float32 (T, 7)}`` (plus ``ENV_STATE_KEY``: float32 (T, 39) with ``job.environment_state``); frame t holds the observation before action t. With ``job.noise`` the
+    "action": float32 (T, 7)}`` (plus ``ENV_STATE_KEY``: float32 (T, 39) with ``job.environment_state``, and
+    ``observation.images.<name>`` for each of ``job.extra_cameras``); frame t holds the observation before action t. With ``job.noise`` the
     executed xyz command is perturbed (``NOISE_CORRELATION``) and ``action`` still holds the expert's.
     With ``job.policy`` (DAgger) the checkpoint's action is executed (the expert's with probability
     ``job.beta``), ``action`` holds the expert's, and ``frames`` is returned whether or not it succeeded.
@@ -135,6 +139,7 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
     expert.reset()
     obs = env.reset(init)
     images, states, actions, privileged = [], [], [], []
+    extra_images: dict[str, list[np.ndarray]] = {c: [] for c in job.extra_cameras}
     info: dict[str, Any] | None = None
     success, done = False, False
     rng = np.random.default_rng([job.seed, NOISE_STREAM]) if job.noise > 0 else None
@@ -149,6 +154,8 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
     while True:
         a = expert.act(obs, info)
         images.append(obs["image"])
+        for c in job.extra_cameras:
+            extra_images[c].append(obs["images"][c])
         states.append(obs["state"])
         privileged.append(obs["privileged"])
         actions.append(a)  # the label: the expert's command, also where the executed one was perturbed
@@ -156,6 +163,8 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
             batch = {"slot": [0], "episode_index": [0], "episode_start": [len(actions) == 1],
                      "task": [env.instruction], CAMERA_KEY: obs["image"].transpose(2, 0, 1)[None],
                      "observation.state": obs["state"][None]}  # fmt: skip
+            for c in job.extra_cameras:
+                batch[f"observation.images.{c}"] = obs["images"][c].transpose(2, 0, 1)[None]
             proposed = learner(batch)[0]  # every step, so the learner's action queue stays in step
             if mix.random() >= job.beta:
                 a = proposed.astype(np.float64)
@@ -188,22 +197,22 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
         }
         if job.environment_state:
             out["frames"][ENV_STATE_KEY] = np.stack(privileged).astype(np.float32)
+        for c in job.extra_cameras:
+            out["frames"][f"observation.images.{c}"] = np.stack(extra_images[c])
     return out
 
 
 # ---- main side -----------------------------------------------------------------------------------
-def features(resolution: int, state_names: list[str], environment_state: bool = False) -> dict[str, dict[str, Any]]:
+def features(resolution: int, state_names: list[str], environment_state: bool = False,
+             extra_cameras: Sequence[str] = ()) -> dict[str, dict[str, Any]]:  # fmt: skip
     """LeRobot feature dicts of a Meta-World dataset at ``resolution`` x ``resolution``."""
     from damvla.envs.base import ACTION_NAMES
     from damvla.envs.metaworld import PRIVILEGED_NAMES
 
     env = {ENV_STATE_KEY: {"dtype": "float32", "shape": [len(PRIVILEGED_NAMES)], "names": list(PRIVILEGED_NAMES)}}
-    return ({
-        CAMERA_KEY: {
-            "dtype": "video",
-            "shape": [resolution, resolution, 3],
-            "names": ["height", "width", "channels"],
-        },
+    video = {"dtype": "video", "shape": [resolution, resolution, 3], "names": ["height", "width", "channels"]}
+    cameras = {key: dict(video) for key in [CAMERA_KEY] + [f"observation.images.{c}" for c in extra_cameras]}
+    return (cameras | {
         "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
         "action": {"dtype": "float32", "shape": [7], "names": list(ACTION_NAMES)},
     }) | (env if environment_state else {})
@@ -243,7 +252,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 RECIPE_FLAGS = {"tasks": "--suite", "episodes_per_task": "--episodes", "camera": "--camera",
                 "resolution": "--resolution", "release": "--release", "max_steps": "--max-steps",
                 "seed_offset": "--seed-offset", "noise": "--noise", "policy": "--policy", "beta": "--beta",
-                "from": "--from", "environment_state": "--environment-state"}  # fmt: skip
+                "from": "--from", "environment_state": "--environment-state",
+                "extra_cameras": "--extra-cameras"}  # fmt: skip
 
 
 def recipe_difference(dataset: dict[str, Any], command: dict[str, Any]) -> str:
@@ -274,6 +284,7 @@ def collect_metaworld(
     beta: float = 0.0,
     base: str | Path | None = None,
     environment_state: bool = False,
+    extra_cameras: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Collect ``episodes`` successful expert episodes per task of ``suite`` into the dataset ``out``.
 
@@ -327,9 +338,14 @@ def collect_metaworld(
         policy = resolve_checkpoint(policy).resolve()
         setup = check_checkpoint(DAMVLAPolicy.from_pretrained(policy), tasks, camera, resolution)
         camera, resolution = setup.camera, setup.resolution
+        if extra_cameras and list(extra_cameras) != setup.extra_cameras:
+            raise ValueError(f"--extra-cameras {list(extra_cameras)}: the checkpoint reads {setup.extra_cameras}")
+        extra_cameras = setup.extra_cameras  # the policy drives: it needs every camera it reads
     camera = camera or DEFAULT_CAMERA
+    extra_cameras = tuple(extra_cameras)
     resolution = int(resolution or DEFAULT_RESOLUTION)
-    base_episodes = _base_episodes(Path(base), camera, resolution, tasks, environment_state) if base is not None else []
+    base_episodes = (_base_episodes(Path(base), camera, resolution, tasks, environment_state, extra_cameras)
+                     if base is not None else [])  # fmt: skip
     max_tries = int(max_tries or 2 * episodes + 10)
     if max_tries < episodes:
         raise ValueError(f"--max-tries ({max_tries}) must be >= --episodes ({episodes})")
@@ -345,6 +361,8 @@ def collect_metaworld(
         recipe_key["from"] = str(Path(base).resolve())
     if environment_state:  # recorded only when used, like noise
         recipe_key["environment_state"] = True
+    if extra_cameras:  # likewise
+        recipe_key["extra_cameras"] = list(extra_cameras)
     if (out / "meta" / "info.json").exists() and not overwrite:
         old = json.loads((out / "meta" / "info.json").read_text()).get("damvla", {}).get("recipe", {})
         if all(old.get(k) == v for k, v in recipe_key.items()):
@@ -365,7 +383,7 @@ def collect_metaworld(
         )
 
     # Fail fast in this process (bad camera name, no EGL) before spawning workers.
-    probe = MetaWorldEnv(tasks[0], camera, resolution, max_steps)
+    probe = MetaWorldEnv(tasks[0], camera, resolution, max_steps, extra_cameras=extra_cameras)
     fps = round(probe.fps)
     state_names = list(probe.state_names)
     probe.close()
@@ -394,7 +412,7 @@ def collect_metaworld(
     writer = LeRobotWriter(
         out,
         fps=fps,
-        features=features(resolution, state_names, environment_state),
+        features=features(resolution, state_names, environment_state, extra_cameras),
         robot_type="sawyer",
         image_mode="video",
         extra_info=extra,
@@ -404,7 +422,7 @@ def collect_metaworld(
     try:
         base_keys = {row["key"] for row, _ in base_episodes}
         _copy_base(writer, attempts_path, base_episodes, Path(base) if base is not None else None, progress,
-                   environment_state)
+                   environment_state, extra_cameras)
         done_keys = {k: i for k, i in writer.completed_episodes().items() if k not in base_keys}
         log = [r for r in _read_attempts(attempts_path) if not r.get("from")]
         logged = {r["key"] for r in log}
@@ -434,7 +452,8 @@ def collect_metaworld(
             next_seed[task] += max(n, 0)
             return [
                 CollectJob(task, s, camera, resolution, max_steps, release, RELEASE_HOLD_STEPS, float(noise),
-                           None if policy is None else str(policy), float(beta), environment_state)  # fmt: skip
+                           None if policy is None else str(policy), float(beta), environment_state,
+                           extra_cameras)  # fmt: skip
                 for s in seeds
             ]
 
@@ -513,8 +532,8 @@ def collect_metaworld(
     }
 
 
-def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str],
-                   environment_state: bool = False) -> list[tuple[dict[str, Any], int]]:  # fmt: skip
+def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str], environment_state: bool = False,
+                   extra_cameras: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], int]]:  # fmt: skip
     """(attempt-log row, episode index) of every kept episode of the dataset ``base``, checked to match."""
     from damvla.data.lerobot import LeRobotDatasetReader
 
@@ -525,6 +544,9 @@ def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str],
     for key, want in (("camera", camera), ("resolution", resolution)):
         if recipe.get(key) != want:
             raise ValueError(f"--from {base}: its {key} is {recipe.get(key)!r}, this collection's {want!r}")
+    if list(recipe.get("extra_cameras") or []) != list(extra_cameras):
+        raise ValueError(f"--from {base}: its extra cameras are {recipe.get('extra_cameras') or []}, this "
+                         f"collection's {list(extra_cameras)}")  # fmt: skip
     if environment_state and ENV_STATE_KEY not in reader.features:
         raise ValueError(f"--from {base}: it has no {ENV_STATE_KEY} to copy; collect it with --environment-state too")
     rows = [r for r in load_episode_records(base) if r.get("kept")]
@@ -538,7 +560,7 @@ def _base_episodes(base: Path, camera: str, resolution: int, tasks: list[str],
 
 
 def _copy_base(writer: Any, attempts_path: Path, episodes: list[tuple[dict[str, Any], int]], base: Path | None,
-               progress: bool, environment_state: bool = False) -> None:  # fmt: skip
+               progress: bool, environment_state: bool = False, extra_cameras: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Copy the base dataset's episodes into ``writer`` (those not there yet: a resumed run skips them)."""
     if not episodes:
         return
@@ -551,7 +573,8 @@ def _copy_base(writer: Any, attempts_path: Path, episodes: list[tuple[dict[str, 
     todo = [(r, i) for r, i in episodes if r["key"] not in done]
     for row, index in tqdm(todo, desc="copy --from", unit="ep", disable=not progress or not todo):
         frames = reader.episode_arrays(index, ["observation.state", "action"] + ([ENV_STATE_KEY] if environment_state else []))
-        frames[CAMERA_KEY] = reader.episode_frames(index, CAMERA_KEY)
+        for key in [CAMERA_KEY] + [f"observation.images.{c}" for c in extra_cameras]:
+            frames[key] = reader.episode_frames(index, key)
         new = writer.add_episode(frames, task=reader.episode(index).tasks[0], key=row["key"])
         _append_attempt(attempts_path, {**row, "episode_index": new, "from": str(base)})
 
@@ -595,6 +618,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--environment-state", action="store_true",
                    help="also record Meta-World's 39-d observation (hand, object and goal positions) per frame as "
                         "observation.environment_state, the target of the training option env_state_dim=39")  # fmt: skip
+    p.add_argument("--extra-cameras", default="", metavar="NAME[,NAME]",
+                   help="further cameras to record, each as observation.images.NAME (same resolution), for a "
+                        "policy that reads several (vision.extra_cameras); e.g. --camera front --extra-cameras corner4")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset / staging folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -620,6 +646,7 @@ def run(args: argparse.Namespace) -> int:
         beta=args.beta,
         base=args.base,
         environment_state=args.environment_state,
+        extra_cameras=[c for c in args.extra_cameras.split(",") if c],
     )
     if summary.get("complete"):
         return 0

@@ -28,6 +28,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import atexit  # noqa: E402
 import warnings  # noqa: E402
 import weakref  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import mujoco  # noqa: E402
@@ -349,11 +350,12 @@ PRIVILEGED_NAMES = _privileged_names()
 
 
 class MetaWorldEnv(Env):
-    """One Meta-World v3 task with the goal observable (as in MT10/MT50) and one rendered camera.
+    """One Meta-World v3 task with the goal observable (as in MT10/MT50) and one rendered camera (or more).
 
     Observation: ``image`` uint8 (H, W, 3) upright, ``state`` float32 (4,) = end-effector xyz [m] and
     finger opening in [0, 1], ``privileged`` float64 (39,) = Meta-World's full observation (what the
     scripted experts read). ``render=False`` skips the image (``obs["image"]`` is None), for fast tests.
+    With ``extra_cameras``: ``images`` = {name: uint8 (H, W, 3) upright} of those cameras, same size.
     """
 
     simulator = SIMULATOR
@@ -366,6 +368,7 @@ class MetaWorldEnv(Env):
         resolution: int | tuple[int, int] = DEFAULT_RESOLUTION,
         max_steps: int | None = None,
         render: bool = True,
+        extra_cameras: Sequence[str] = (),
     ) -> None:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS  # heavy import, only when an env is built
 
@@ -375,6 +378,9 @@ class MetaWorldEnv(Env):
         self.instruction = INSTRUCTIONS[task]
         self.action_mapping = MetaWorldActionMapping.for_task(task)
         self.camera = camera
+        self.extra_cameras = tuple(extra_cameras)
+        if camera in self.extra_cameras or len(set(self.extra_cameras)) != len(self.extra_cameras):
+            raise ValueError(f"extra_cameras {list(self.extra_cameras)} repeat a camera (camera {camera!r})")
         self.height, self.width = _parse_resolution(resolution)
 
         env = ALL_V3_ENVIRONMENTS[task]()  # render_mode=None: we render ourselves
@@ -392,30 +398,20 @@ class MetaWorldEnv(Env):
         self._steps = 0
         self._started = False
         self._renderer: mujoco.Renderer | None = None
-        self._rotate = False
+        self._views: dict[str, tuple[Any, bool]] = {}  # camera -> (what update_scene takes, turn upright)
         if render:
             self._init_renderer()
 
     # -- rendering --
     def _init_renderer(self) -> None:
         model = self._env.model
-        self._free_camera = None
-        if self.camera in FREE_CAMERAS:
-            lookat, distance, azimuth, elevation = FREE_CAMERAS[self.camera]
-            cam = mujoco.MjvCamera()
-            cam.type = mujoco.mjtCamera.mjCAMERA_FREE
-            cam.lookat[:] = lookat
-            cam.distance, cam.azimuth, cam.elevation = distance, azimuth, elevation
-            self._free_camera = cam
-        elif mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, self.camera) < 0:
-            names = [model.camera(i).name for i in range(model.ncam)] + sorted(FREE_CAMERAS)
-            raise ValueError(f"unknown camera {self.camera!r} for {self.task}; expected one of {names}")
         # Shadows, multisampling and reflections cost ~10x the frame time on a CPU (Mesa) renderer and
         # carry nothing a policy needs at 128 px.
         model.vis.quality.shadowsize = 0
         model.vis.quality.offsamples = 0
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, self.width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, self.height)
+        self._views = {name: self._view(name) for name in (self.camera, *self.extra_cameras)}
         self._renderer = mujoco.Renderer(model, self.height, self.width)
         global _ATEXIT_HOOKED
         _LIVE_ENVS.add(self)
@@ -426,37 +422,56 @@ class MetaWorldEnv(Env):
         flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         flags[mujoco.mjtRndFlag.mjRND_SKYBOX] = 0
+
+    def _view(self, name: str) -> tuple[Any, bool]:
+        """(what ``mujoco.Renderer.update_scene`` takes for camera ``name``, whether to turn its renders)."""
+        model = self._env.model
+        if name in FREE_CAMERAS:  # free cameras render upright
+            lookat, distance, azimuth, elevation = FREE_CAMERAS[name]
+            cam = mujoco.MjvCamera()
+            cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+            cam.lookat[:] = lookat
+            cam.distance, cam.azimuth, cam.elevation = distance, azimuth, elevation
+            return cam, False
+        cam_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+        if cam_id < 0:
+            names = [model.camera(i).name for i in range(model.ncam)] + sorted(FREE_CAMERAS)
+            raise ValueError(f"unknown camera {name!r} for {self.task}; expected one of {names}")
         # A fixed camera whose "up" axis points below the horizon renders the world upside down (all of
         # Meta-World's corner cameras); rotating by 180 degrees makes it upright without mirroring.
-        # Tracking cameras (gripperPOV, behindGripper) move with the hand, so they are left as they are;
-        # free cameras render upright.
-        if self._free_camera is not None:
-            return
-        cam_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, self.camera)
-        if model.cam_mode[cam_id] == mujoco.mjtCamLight.mjCAMLIGHT_FIXED:
-            mujoco.mj_forward(model, self._env.data)
-            up_z = self._env.data.cam_xmat[cam_id].reshape(3, 3)[2, 1]
-            self._rotate = bool(up_z < 0)
+        # Tracking cameras (gripperPOV, behindGripper) move with the hand, so they are left as they are.
+        if model.cam_mode[cam_id] != mujoco.mjtCamLight.mjCAMLIGHT_FIXED:
+            return name, False
+        mujoco.mj_forward(model, self._env.data)
+        up_z = self._env.data.cam_xmat[cam_id].reshape(3, 3)[2, 1]
+        return name, bool(up_z < 0)
 
-    def render_raw(self) -> np.ndarray:
-        """The renderer's image exactly as MuJoCo returns it, uint8 (H, W, 3) (upside down for corners)."""
+    def render_raw(self, camera: str | None = None) -> np.ndarray:
+        """The renderer's image of ``camera`` (default this env's camera) exactly as MuJoCo returns it, uint8
+        (H, W, 3) (upside down for corners)."""
         if self._renderer is None:
             raise RuntimeError(f"{self.task}: built with render=False, cannot render")
-        self._renderer.update_scene(self._env.data, camera=self.render_camera)
+        self._renderer.update_scene(self._env.data, camera=self._camera_view(camera)[0])
         return self._renderer.render()
+
+    def _camera_view(self, camera: str | None) -> tuple[Any, bool]:
+        name = camera or self.camera
+        if name not in self._views:
+            raise ValueError(f"camera {name!r} is not rendered by this env (cameras: {[self.camera, *self.extra_cameras]})")
+        return self._views[name]
 
     @property
     def render_camera(self) -> Any:
         """What ``mujoco.Renderer.update_scene`` takes for this env's camera: a name, or a free camera."""
-        return self._free_camera or self.camera
+        return self._camera_view(None)[0]
 
-    def upright(self, img: np.ndarray) -> np.ndarray:
-        """Turn a raw (H, W, ...) render of this env's camera upright (a no-op for upright cameras)."""
-        return np.ascontiguousarray(img[::-1, ::-1]) if self._rotate else img
+    def upright(self, img: np.ndarray, camera: str | None = None) -> np.ndarray:
+        """Turn a raw (H, W, ...) render of ``camera`` (default this env's) upright (a no-op for upright cameras)."""
+        return np.ascontiguousarray(img[::-1, ::-1]) if self._camera_view(camera)[1] else img
 
-    def render(self) -> np.ndarray:
-        """Upright uint8 (H, W, 3) image of the current state."""
-        return self.upright(self.render_raw())
+    def render(self, camera: str | None = None) -> np.ndarray:
+        """Upright uint8 (H, W, 3) image of ``camera`` (default this env's camera) in the current state."""
+        return self.upright(self.render_raw(camera), camera)
 
     @property
     def sim(self) -> Any:
@@ -529,11 +544,14 @@ class MetaWorldEnv(Env):
         return self._observation(obs), float(reward), self._steps >= self.max_steps, info
 
     def _observation(self, native_obs: np.ndarray) -> Observation:
-        return {
+        obs = {
             "image": self.render() if self._renderer is not None else None,
             "state": native_obs[:4].astype(np.float32),
             "privileged": native_obs,
         }
+        if self.extra_cameras:
+            obs["images"] = {c: self.render(c) if self._renderer is not None else None for c in self.extra_cameras}
+        return obs
 
     @property
     def steps(self) -> int:

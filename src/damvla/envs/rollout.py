@@ -14,6 +14,7 @@ The batch given to ``policy_fn`` (B = running episodes, order = ``batch["slot"]`
 | key | type / shape | meaning |
 |---|---|---|
 | ``observation.images.image`` | uint8 (B, 3, H, W) | upright camera image, channel-first (docs/CONTRACTS.md) |
+| ``observation.images.<name>`` | uint8 (B, 3, H, W) | each of the specs' ``extra_cameras``, likewise |
 | ``observation.state`` | float32 (B, S) | proprio state |
 | ``task`` | list[str] | instruction of each episode |
 | ``slot`` | int64 (B,) | worker slot; stable for the whole episode |
@@ -68,6 +69,8 @@ class RolloutSpec:
     task: str
     initial_state: InitialState
     camera: str | None = None  # None: the simulator's default
+    # Further cameras, rendered as batch keys observation.images.<name> (Meta-World only)
+    extra_cameras: tuple[str, ...] = ()
     resolution: int = 128
     max_steps: int | None = None  # None: the simulator's default time limit
     stop_on_success: bool = True  # benchmarks count the first success; stop there
@@ -111,10 +114,14 @@ def make_env(spec: RolloutSpec) -> Env:
         from damvla.envs.metaworld import DEFAULT_CAMERA, MetaWorldEnv
 
         return MetaWorldEnv(
-            spec.task, spec.camera or DEFAULT_CAMERA, spec.resolution, spec.max_steps, render=spec.render
-        )
+            spec.task, spec.camera or DEFAULT_CAMERA, spec.resolution, spec.max_steps, render=spec.render,
+            extra_cameras=spec.extra_cameras,
+        )  # fmt: skip
     if sim == "simpler":
         from damvla.envs.simpler import SimplerEnv
+
+        if spec.extra_cameras:
+            raise ValueError(f"rollout: SIMPLER envs render one camera, not extra_cameras {list(spec.extra_cameras)}")
 
         return SimplerEnv(spec.task, spec.resolution, spec.max_steps, **dict(spec.env_options))
     raise ValueError(f"rollout: no env for simulator {sim!r} (episode {spec.initial_state.key})")
@@ -146,6 +153,7 @@ class _EnvHost:
                 spec.initial_state.simulator,
                 spec.task,
                 spec.camera,
+                spec.extra_cameras,
                 spec.resolution,
                 spec.max_steps,
                 spec.render,
@@ -182,6 +190,8 @@ class _EnvHost:
         """Drop privileged simulator state unless asked for: a policy never sees it, and it need not
         cross processes."""
         out = {"image": obs["image"], "state": obs["state"]}
+        if obs.get("images"):
+            out["images"] = obs["images"]
         if self.privileged:
             out["privileged"] = np.asarray(obs["privileged"], dtype=np.float64)
         return out
@@ -306,9 +316,10 @@ class _Slot:
 
 
 # ---- main loop -----------------------------------------------------------------------------------
-def _chw(r: _Running) -> np.ndarray:
-    """The episode's image channel-first, or zeros of the spec's size when it is not rendered."""
-    img = r.obs["image"]
+def _chw(r: _Running, camera: str | None = None) -> np.ndarray:
+    """The episode's image (of extra camera ``camera``) channel-first, or zeros of the spec's size when it is
+    not rendered."""
+    img = r.obs["image"] if camera is None else (r.obs.get("images") or {}).get(camera)
     if img is None:
         return np.zeros((3, r.spec.resolution, r.spec.resolution), dtype=np.uint8)
     return img.transpose(2, 0, 1)
@@ -417,6 +428,8 @@ def rollout(
                 "episode_start": np.asarray([r.start for r in cur]),
                 "episode_index": np.asarray([r.spec_index for r in cur], dtype=np.int64),
             }
+            for cam in dict.fromkeys(c for r in cur for c in r.spec.extra_cameras):
+                batch[f"observation.images.{cam}"] = np.stack([_chw(r, cam) for r in cur])
             if privileged:
                 batch["privileged"] = np.stack([r.obs["privileged"] for r in cur])
             actions = np.asarray(policy_fn(batch), dtype=np.float32)

@@ -202,12 +202,18 @@ class CheckpointExecutor(Executor):
         if "has_image" in batch and not np.all(np.asarray(batch["has_image"])[need]):
             raise ValueError("the checkpoint policy needs rendered images: run every spec with render=True")
         if need:
-            images = torch.from_numpy(np.ascontiguousarray(batch["observation.images.image"][need]))
-            sub = {
-                self.policy.image_key: resize_images(images, cfg.vision.image_size),
+            sub: dict[str, Any] = {
                 "observation.state": torch.from_numpy(np.asarray(batch["observation.state"][need])),
                 "task": [batch["task"][row] for row in need],
             }
+            # The envs' first camera is observation.images.image whatever the policy calls it; extra cameras
+            # arrive under the policy's own keys (observation.images.<name>).
+            env_keys = ["observation.images.image", *self.policy.image_keys[1:]]
+            for key, env_key in zip(self.policy.image_keys, env_keys):
+                if env_key not in batch:
+                    raise ValueError(f"the envs rendered no {env_key!r}, which the policy reads as {key!r}")
+                images = torch.from_numpy(np.ascontiguousarray(batch[env_key][need]))
+                sub[key] = resize_images(images, cfg.vision.image_size)
             noise = torch.stack(
                 [torch.randn((cfg.horizon, cfg.action_dim), generator=self._gens[slots[row]]) for row in need]
             )

@@ -67,6 +67,8 @@ def check_checkpoint(policy: Any, robot: str) -> dict[str, Any]:
             f"{where}: state_dim={cfg.state_dim}: the SIMPLER adapter gives no proprio state in the training "
             "data's layout (Fractal / Bridge), only joint positions; evaluate a checkpoint without state input"
         )
+    if list(getattr(cfg.vision, "extra_cameras", [])):
+        raise ValueError(f"{where}: vision.extra_cameras={cfg.vision.extra_cameras}; SIMPLER renders one camera")
     keys = meta.get("camera_keys")
     if keys is not None and len(keys) != 1:
         raise ValueError(f"checkpoint metadata.json: camera_keys={keys}; SIMPLER renders one camera")

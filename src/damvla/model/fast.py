@@ -202,7 +202,8 @@ class FastPolicy:
     @torch.no_grad()
     def vision(self, batch: dict[str, Any]) -> VisionFeatures:
         """Images of ``batch`` -> DINOv2/SigLIP features (validated as the policy does)."""
-        return self.policy.complete_features(self._vision(self.policy._images(batch)))
+        p = self.policy
+        return p.complete_features([self._vision(p._images(batch, key)) for key in p.image_keys])
 
     # ---- stage 2: language model ----------------------------------------------------------------
     def _prompt_ids(self, instruction: str) -> list[int]:

@@ -26,10 +26,10 @@ from damvla.model.loss import diffusion_losses, dual_scale_weights, router_loss
 from damvla.model.router import Router
 from damvla.model.tokenizer import ByteTokenizer, HFTokenizer
 from damvla.model.vision import (
-    FEATURE_KEYS,
     DualVisionEncoder,
     PatchQueries,
     VisionFeatures,
+    feature_keys,
     grid_position_code,
 )
 from damvla.model.weights import load_safetensors_into, skip_init, state_fingerprint
@@ -78,6 +78,10 @@ class DAMVLAPolicy(nn.Module):
             self.register_buffer("patch_position", grid_position_code(v.num_patches, v.patch_dim), persistent=False)
         else:
             self.patch_position = None
+        # Several cameras: a learned code per camera added to its patch tokens, so the LLM and the queries can
+        # tell two views' tokens of the same grid cell apart (our choice, docs/method.md).
+        n_cam = len(v.cameras)
+        self.camera_code = nn.Parameter(torch.randn(n_cam, v.patch_dim) * 0.02) if n_cam > 1 else None
         if config.state_dim:
             # Dataset mean / std of observation.state (set by the trainer, saved with the weights).
             self.register_buffer("state_mean", torch.zeros(config.state_dim))
@@ -97,26 +101,32 @@ class DAMVLAPolicy(nn.Module):
             return DiTActionHead(config.dit, config.action_dim, config.horizon, cond_dim, d_cls, num_visual)
 
         if ab.dam:
-            # Arm head: global class token. Gripper head: local register tokens (METHOD.md §1).
-            self.heads = nn.ModuleDict({"arm": head(1 + arm_queries if ab.vt else 0), "gripper": head(r if ab.vt else 0)})
+            # Arm head: global class token(s). Gripper head: local register tokens (METHOD.md §1).
+            self.heads = nn.ModuleDict({"arm": head(n_cam + arm_queries if ab.vt else 0), "gripper": head(r if ab.vt else 0)})
             self.router = Router(lang.hidden_size, config.router_hidden)
         else:
             # One head (CogACT). With VT on it sees class and register tokens (our choice; paper silent).
-            self.heads = nn.ModuleDict({"action": head(1 + r if ab.vt else 0)})
+            self.heads = nn.ModuleDict({"action": head(n_cam + r if ab.vt else 0)})
             self.router = None
         self.diffusion = Diffusion(config.diffusion)
         self._queue = ActionQueue(config.inference, config.horizon, config.gripper_index)
 
     # ---- inputs -------------------------------------------------------------------------------
     @property
-    def image_key(self) -> str:
-        return f"observation.images.{self.config.vision.camera}"
+    def image_keys(self) -> list[str]:
+        """The batch keys of every camera the policy reads (``vision.cameras``), in token order."""
+        return [f"observation.images.{c}" for c in self.config.vision.cameras]
 
-    def _images(self, batch: dict[str, Any]) -> torch.Tensor:
-        key, s = self.image_key, self.config.vision.image_size
+    @property
+    def image_key(self) -> str:
+        """The first camera's batch key."""
+        return self.image_keys[0]
+
+    def _images(self, batch: dict[str, Any], key: str) -> torch.Tensor:
+        s = self.config.vision.image_size
         if key not in batch:
             have = sorted(k for k in batch if k.startswith("observation.images."))
-            raise ValueError(f"batch lacks {key!r} (vision.camera={self.config.vision.camera!r}); image keys present: {have}")
+            raise ValueError(f"batch lacks {key!r} (vision.cameras={self.config.vision.cameras!r}); image keys present: {have}")
         x = batch[key]
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{key}: expected a torch tensor (B, 3, {s}, {s}), got {type(x).__name__}")
@@ -192,24 +202,40 @@ class DAMVLAPolicy(nn.Module):
         return torch.cat([f_cog, ((x - self.state_mean) / self.state_std).to(f_cog.dtype)], dim=-1)
 
     # ---- the VLM -------------------------------------------------------------------------------
-    def features(self, batch: dict[str, Any]) -> VisionFeatures:
-        """The frozen-able vision features: from the images, or from a feature cache's batch keys
-        (``FEATURE_KEYS``, what ``self.vision`` returns for those images)."""
-        if FEATURE_KEYS["patches"] in batch:
-            dev = self._device()
-            return VisionFeatures(**{f: batch[k].to(dev).float() for f, k in FEATURE_KEYS.items()})
-        return self.vision(self._images(batch))
+    def features(self, batch: dict[str, Any]) -> list[VisionFeatures]:
+        """The frozen-able vision features, one per camera (``image_keys``' order): from the images, or from a
+        feature cache's batch keys (``feature_keys(k)``, what ``self.vision`` returns for camera k's images)."""
+        out = []
+        for k, image_key in enumerate(self.image_keys):
+            keys = feature_keys(k)
+            if keys["patches"] in batch:
+                dev = self._device()
+                out.append(VisionFeatures(**{f: batch[key].to(dev).float() for f, key in keys.items()}))
+            else:
+                out.append(self.vision(self._images(batch, image_key)))
+        return out
 
-    def complete_features(self, feats: VisionFeatures) -> VisionFeatures:
-        """Steps after the (frozen, cacheable) vision tower: the patch grid's position code, then learned
-        gripper queries in place of the (absent) registers."""
-        patches = feats.patches
-        if self.patch_position is not None:
-            patches = patches + self.patch_position.to(patches.dtype)
+    def complete_features(self, feats: VisionFeatures | list[VisionFeatures]) -> VisionFeatures:
+        """Steps after the (frozen, cacheable) vision tower: the patch grid's position code (and with several
+        cameras each camera's code), the cameras' tokens joined in camera order, then learned gripper queries
+        in place of the (absent) registers."""
+        cams = [feats] if isinstance(feats, VisionFeatures) else list(feats)
+        if len(cams) != len(self.config.vision.cameras):
+            raise ValueError(f"{len(cams)} cameras' features for a policy that reads {len(self.config.vision.cameras)}")
+        grids = []
+        for k, f in enumerate(cams):
+            patches = f.patches
+            if self.patch_position is not None:
+                patches = patches + self.patch_position.to(patches.dtype)
+            if self.camera_code is not None:
+                patches = patches + self.camera_code[k].to(patches.dtype)
+            grids.append(patches)
+        patches = torch.cat(grids, dim=1)
+        cls = torch.cat([f.cls for f in cams], dim=1)
         if self.gripper_queries is None:
-            return VisionFeatures(patches, feats.cls, feats.registers)
+            return VisionFeatures(patches, cls, torch.cat([f.registers for f in cams], dim=1))
         dino = patches[..., : self.config.vision.dinov2.hidden_size]
-        return VisionFeatures(patches, feats.cls, self.gripper_queries(dino))
+        return VisionFeatures(patches, cls, self.gripper_queries(dino))
 
     def encode(self, batch: dict[str, Any]) -> tuple[VisionFeatures, torch.Tensor, torch.Tensor]:
         """Images (or cached features) + instructions -> (vision features, f_cog (B, h), f_rea (B, h))."""

@@ -39,6 +39,12 @@ SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 FEATURE_KEYS = {"patches": "features.patches", "cls": "features.cls", "registers": "features.registers"}
 
 
+def feature_keys(camera_index: int) -> dict[str, str]:
+    """``FEATURE_KEYS`` of the policy's ``camera_index``-th camera (``vision.cameras``): the first camera's are
+    ``FEATURE_KEYS`` themselves, camera k's end in ``.k``."""
+    return FEATURE_KEYS if camera_index == 0 else {f: f"{k}.{camera_index}" for f, k in FEATURE_KEYS.items()}
+
+
 @dataclass
 class VisionFeatures:
     patches: torch.Tensor  # (B, N, C_dino + C_siglip)

@@ -16,8 +16,9 @@ no code change on either side::
     }
 
 Every field is optional; missing fields keep the defaults above (with ``"image"`` replaced by the camera
-the policy reads, ``policy.config.vision.camera``). ``required`` defaults to the request key(s) that feed
-that camera. ``resize`` is ``"stretch"`` (plain resize to S x S) or ``"pad"`` (keep the aspect ratio and
+the policy reads, ``policy.config.vision.camera``). A policy that reads more cameras
+(``vision.extra_cameras``) takes its second from ``observation/wrist_image`` and any further camera NAME from
+``observation/NAME``. ``required`` defaults to the request keys that feed the cameras the policy reads. ``resize`` is ``"stretch"`` (plain resize to S x S) or ``"pad"`` (keep the aspect ratio and
 pad with black, like openpi's ``resize_with_pad``); an image that is already S x S is passed through
 untouched either way.
 """
@@ -25,7 +26,7 @@ untouched either way.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,35 +62,37 @@ class ObservationMap:
     resize: str = "stretch"
 
     @classmethod
-    def default(cls, camera: str) -> ObservationMap:
-        """openpi's LIBERO keys: ``observation/image`` feeds the policy's camera, the wrist camera is optional."""
-        wrist = "wrist_image" if camera != "wrist_image" else "wrist_image_2"
-        return cls(
-            images={"observation/image": camera, "observation/wrist_image": wrist},
-            required=["observation/image"],
-        )
+    def default(cls, cameras: str | Sequence[str]) -> ObservationMap:
+        """openpi's LIBERO keys: ``observation/image`` feeds the policy's camera, ``observation/wrist_image`` its
+        second camera (optional when it reads one), ``observation/NAME`` any further camera NAME."""
+        cams = _cameras(cameras)
+        wrist = cams[1] if len(cams) > 1 else ("wrist_image" if cams[0] != "wrist_image" else "wrist_image_2")
+        images = {"observation/image": cams[0], "observation/wrist_image": wrist}
+        images |= {f"observation/{c}": c for c in cams[2:]}
+        return cls(images=images, required=[k for k, c in images.items() if c in cams])
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], camera: str) -> ObservationMap:
-        """Defaults overridden by ``d``; ``required`` defaults to the keys that feed ``camera``."""
+    def from_dict(cls, d: dict[str, Any], cameras: str | Sequence[str]) -> ObservationMap:
+        """Defaults overridden by ``d``; ``required`` defaults to the keys that feed ``cameras``."""
         if not isinstance(d, dict):
             raise ValueError(f"observation map: expected a JSON object, got {type(d).__name__}")
         known = {f for f in asdict(cls())}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"observation map: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        out = cls.default(camera)
+        cams = _cameras(cameras)
+        out = cls.default(cams)
         for key, value in d.items():
             setattr(out, key, value)
         if "images" in d and "required" not in d and isinstance(out.images, dict):
-            out.required = [k for k, cam in out.images.items() if cam == camera]
-        return out.validate(camera)
+            out.required = [k for k, cam in out.images.items() if cam in cams]
+        return out.validate(cams)
 
     @classmethod
-    def load(cls, spec: str | None, camera: str) -> ObservationMap:
+    def load(cls, spec: str | None, cameras: str | Sequence[str]) -> ObservationMap:
         """From ``None`` (defaults), a JSON string, or the path of a JSON file."""
         if spec is None:
-            return cls.default(camera).validate(camera)
+            return cls.default(cameras).validate(cameras)
         text = spec
         if not spec.lstrip().startswith("{"):
             path = Path(spec)
@@ -100,26 +103,30 @@ class ObservationMap:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"observation map {spec!r:.80}: invalid JSON: {e}") from e
-        return cls.from_dict(d, camera)
+        return cls.from_dict(d, cameras)
 
-    def validate(self, camera: str) -> ObservationMap:
-        """Check the map is usable for a policy that reads ``camera``; raises ``ValueError``."""
+    def validate(self, cameras: str | Sequence[str]) -> ObservationMap:
+        """Check the map is usable for a policy that reads ``cameras``; raises ``ValueError``."""
         errs = []
+        cams = _cameras(cameras)
         if not isinstance(self.images, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and k and v for k, v in self.images.items()
         ):
             errs.append("images must map request keys to camera names (non-empty strings)")
         else:
-            cams = list(self.images.values())
-            if camera not in cams:
-                errs.append(f"no request key maps to camera {camera!r}, the camera the policy reads")
-            dup = sorted({c for c in cams if cams.count(c) > 1})
+            mapped = list(self.images.values())
+            for camera in cams:
+                if camera not in mapped:
+                    errs.append(f"no request key maps to camera {camera!r}, a camera the policy reads")
+            dup = sorted({c for c in mapped if mapped.count(c) > 1})
             if dup:
                 errs.append(f"several request keys map to camera(s) {dup}")
         if not isinstance(self.required, list) or not all(k in self.images for k in self.required):
             errs.append(f"required={self.required!r} must list keys of images {sorted(self.images)}")
-        elif not any(self.images.get(k) == camera for k in self.required):
-            errs.append(f"the request key feeding camera {camera!r} must be required")
+        else:
+            for camera in cams:
+                if camera in self.images.values() and not any(self.images.get(k) == camera for k in self.required):
+                    errs.append(f"the request key feeding camera {camera!r} must be required")
         if self.state is not None and not (isinstance(self.state, str) and self.state):
             errs.append("state must be a request key or null")
         if not isinstance(self.state_required, bool):
@@ -202,6 +209,13 @@ def resize_image(image: np.ndarray, size: int, mode: str = "stretch") -> torch.T
     top, left = (size - th) // 2, (size - tw) // 2
     out[:, top : top + th, left : left + tw] = x
     return out
+
+
+def _cameras(cameras: str | Sequence[str]) -> list[str]:
+    cams = [cameras] if isinstance(cameras, str) else list(cameras)
+    if not cams:
+        raise ValueError("observation map: the policy reads no camera")
+    return cams
 
 
 def observation_to_batch(

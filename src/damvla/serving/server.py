@@ -413,8 +413,8 @@ class PolicyServer:
             ByteBudget(max_bytes_per_second, max_message_bytes) if max_bytes_per_second else None
         )
         self._sleep = asyncio.sleep  # the throttle's wait (tests record it instead of waiting)
-        camera = self.config.vision.camera
-        self.obs_map = (obs_map or ObservationMap.default(camera)).validate(camera)
+        cameras = self.config.vision.cameras
+        self.obs_map = (obs_map or ObservationMap.default(cameras)).validate(cameras)
         self.image_size = self.config.vision.image_size
         self.state_dim = state_dim_of(self.config, getattr(policy, "metadata", None))
         if self.config.state_dim and (self.obs_map.state is None or not self.obs_map.state_required):
@@ -459,7 +459,7 @@ class PolicyServer:
                 "shape": [s, s, 3],  # the model's size; any H x W in range is accepted and resized
                 "required": key in om.required,
                 "maps_to": f"observation.images.{cam}",
-                "read_by_model": cam == cfg.vision.camera,
+                "read_by_model": cam in cfg.vision.cameras,
             }
         if om.state is not None:
             observation[om.state] = {
@@ -483,7 +483,7 @@ class PolicyServer:
             "model": model,
             "preset": cfg.name,
             "ablation": asdict(ab),
-            "cameras": [cfg.vision.camera],
+            "cameras": list(cfg.vision.cameras),
             "image_size": s,
             "image_limits": {"min_side": MIN_IMAGE_SIDE, "max_side": MAX_IMAGE_SIDE, "resize": om.resize},
             "observation": observation,

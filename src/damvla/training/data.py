@@ -52,13 +52,7 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
     """The dataset at ``root`` as this policy config reads it; raises ``ValueError`` naming any mismatch
     between the two (action dimension, camera, gripper index, image size, horizon, stats) before training."""
     reader = LeRobotDatasetReader(root)  # raises for a missing / incomplete dataset
-    cam = cfg.vision.camera
-    cam_key = cam if cam in reader.features else f"observation.images.{cam}"
-    if cam_key not in reader.features or reader.features[cam_key]["dtype"] not in CAMERA_DTYPES:
-        raise ValueError(
-            f"dataset {root} has no camera {cam_key!r} (config vision.camera={cam!r}); its cameras: "
-            f"{reader.camera_keys}. Pick one with the override vision.camera=<name>"
-        )
+    cam_keys = camera_keys(reader, cfg, root)
     if "action" not in reader.features:
         raise ValueError(f"dataset {root} has no 'action' feature (have {sorted(reader.features)})")
     d = int(np.prod(reader.features["action"]["shape"]))
@@ -79,7 +73,7 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
         # The raw open/closed threshold is the dataset's (info.json or the midpoint of the two levels);
         # config.gripper_threshold is about the model's binary output.
         ds = PolicyDataset(
-            root, horizon=cfg.horizon, image_size=cfg.vision.image_size, camera=cam_key, gripper_index=gi,
+            root, horizon=cfg.horizon, image_size=cfg.vision.image_size, camera=cam_keys, gripper_index=gi,
             sigma_lead=cfg.weighting.sigma_lead, sigma_trail=cfg.weighting.sigma_trail, episodes=episodes,
             # Routing labels and trajectory weights are read only by the router (DAM) and TW; the CogACT
             # baseline trains on a dataset without any gripper or phase signal.
@@ -98,6 +92,22 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
         raise ValueError(f"dataset {root}: {ENV_STATE_KEY} has shape {tuple(ds[0][ENV_STATE_KEY].shape)}, "
                          f"the config has env_state_dim={cfg.env_state_dim}")  # fmt: skip
     return ds
+
+
+def camera_keys(reader: LeRobotDatasetReader, cfg: PolicyConfig, root: str) -> list[str]:
+    """The dataset's feature keys of the config's cameras (``vision.cameras``), checked to exist."""
+    keys = []
+    for cam in cfg.vision.cameras:
+        key = cam if cam in reader.features else f"observation.images.{cam}"
+        if key not in reader.features or reader.features[key]["dtype"] not in CAMERA_DTYPES:
+            field = "vision.camera" if cam == cfg.vision.camera else "vision.extra_cameras"
+            value = cam if cam == cfg.vision.camera else cfg.vision.extra_cameras
+            raise ValueError(
+                f"dataset {root} has no camera {key!r} (config {field}={value!r}); its cameras: "
+                f"{reader.camera_keys}. Pick one with the override vision.camera=<name> (vision.extra_cameras='[\"<name>\", ...]')"
+            )
+        keys.append(key)
+    return keys
 
 
 def env_state_key(reader: LeRobotDatasetReader, cfg: PolicyConfig, root: str) -> str | None:
@@ -135,8 +145,8 @@ def check_prompts(tasks: list[str], cfg: PolicyConfig, root: str) -> None:
 def check_sample(x: dict[str, Any], cfg: PolicyConfig, root: str) -> None:
     """One sample against what the policy expects (shapes in docs/CONTRACTS.md)."""
     s, h, d = cfg.vision.image_size, cfg.horizon, cfg.action_dim
-    key = f"observation.images.{cfg.vision.camera}"
-    want = {key: (3, s, s), "action": (h, d), "action_is_pad": (h,), "trajectory_weight": (h,), "router_label": ()}
+    want = {f"observation.images.{c}": (3, s, s) for c in cfg.vision.cameras}
+    want |= {"action": (h, d), "action_is_pad": (h,), "trajectory_weight": (h,), "router_label": ()}
     for k, shape in want.items():
         if k not in x:
             raise ValueError(f"dataset {root}: samples lack {k!r} (have {sorted(x)})")
