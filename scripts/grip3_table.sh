@@ -7,6 +7,8 @@
 #   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
 #   THREADS=2 WORKERS=2 scripts/grip3_table.sh ...    # train on 2 threads, evaluate with 2 workers (default 1 and 1:
 #                                                     # two rows side by side on a 2-core machine)
+#   FINETUNE=checkpoints/damvla-cpu-grip3 STEPS=4500 VARIANT=front2 scripts/grip3_table.sh damvla-envstate 0
+#                                                     # continue a trained checkpoint: its weights (--init), lr 1e-4
 #
 # VARIANT (default grip3): grip3 -- the suite, 52 demonstrations per task (50 train, 2 validation);
 # release -- pick-place-v3 alone, its demonstrations opening the gripper at the goal (2 gripper flips);
@@ -61,6 +63,12 @@ case $VARIANT in
     *) echo "VARIANT must be grip3, release, demos200, workspace, front, dart or front2, got '$VARIANT'" >&2; exit 2 ;;
 esac
 RECORDS=docs/records/$VARIANT
+FINETUNE=${FINETUNE:-}  # a damvla checkpoint folder: train from its weights and architecture instead of the preset
+if [ -n "$FINETUNE" ]; then  # its own run folders, records and table; the lr restarts lower, as for any fine-tune
+    [ -f "$FINETUNE/model.safetensors" ] || { echo "FINETUNE=$FINETUNE is not a damvla checkpoint folder" >&2; exit 2; }
+    TAG=${TAG}ft; RECORDS=$RECORDS-ft
+    TITLE="$TITLE, fine-tuned from $(basename "$FINETUNE") at lr 1e-4"
+fi
 if [ "$STEPS" != 9000 ]; then  # a longer (or shorter) recipe: its own run folders, records and table
     [[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || { echo "STEPS must be a positive integer, got '$STEPS'" >&2; exit 2; }
     TAG=${TAG}s$STEPS; RECORDS=$RECORDS-s$STEPS; TITLE="$TITLE, $STEPS training steps"
@@ -111,8 +119,14 @@ fi
 if [ -f "$RUN/checkpoints/latest" ]; then
     "$DAMVLA" train --resume "$RUN" --steps $STEPS
 else
-    "$DAMVLA" train --preset cpu --dataset "$DATA" --out "$RUN" --steps $STEPS --batch-size 32 --lr 3e-4 \
-        --warmup 300 --schedule cosine --seed "$SEED" "${ABLATION[@]}" --ema 0.999 --val-episodes 6 \
+    START=(--preset cpu "${ABLATION[@]}") LR=(--lr 3e-4 --warmup 300)
+    # --init takes the architecture (ablation included) from the checkpoint: the row must be the one it was trained as
+    if [ -n "$FINETUNE" ]; then
+        [ ${#ABLATION[@]} -eq 0 ] || { echo "FINETUNE continues the checkpoint's own row: $ROW's ${ABLATION[*]} cannot apply" >&2; exit 2; }
+        START=(--init "$FINETUNE") LR=(--lr 1e-4 --warmup 100)
+    fi
+    "$DAMVLA" train "${START[@]}" --dataset "$DATA" --out "$RUN" --steps $STEPS --batch-size 32 "${LR[@]}" \
+        --schedule cosine --seed "$SEED" --ema 0.999 --val-episodes 6 \
         --val-every 1000 --save-every 1000 --threads "$THREADS" "$STATE" "${EXTRA[@]}" "${VISION[@]}"
 fi
 if [ -f "$EVAL/results.json" ] && ! grep -q '"complete": false' "$EVAL/results.json"; then

@@ -119,6 +119,22 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     assert [c.split()[0] for c in longer] == ["train", "eval", "compare"]  # the grip3 data is there already
     assert f"--out {work}/runs/v2s18000_cogact_s2 --steps 18000" in longer[0]
     assert "--keep-records docs/records/grip3-s18000" in longer[2] and "18000 training steps" in longer[2]
+    # continuing a trained checkpoint: its weights and architecture, a lower lr, run folders and records of its own
+    ckpt = repo / "checkpoints" / "released"
+    ckpt.mkdir(parents=True)
+    env["VARIANT"], env["STEPS"], env["FINETUNE"] = "front2", "4500", "checkpoints/released"
+    with pytest.raises(subprocess.CalledProcessError):  # not a checkpoint folder (no model.safetensors)
+        run("damvla-envstate", "0")
+    (ckpt / "model.safetensors").write_text("")
+    tuned = run("damvla-envstate", "0")
+    assert [c.split()[0] for c in tuned] == ["train", "eval", "compare"]
+    assert tuned[0].startswith("train --init checkpoints/released --dataset")
+    assert "--preset" not in tuned[0] and "--lr 1e-4 --warmup 100" in tuned[0]
+    assert f"--out {work}/runs/v2front2fts4500_damvla-envstate_s0 --steps 4500" in tuned[0]
+    assert "--keep-records docs/records/front2-ft-s4500" in tuned[2] and "fine-tuned from released" in tuned[2]
+    with pytest.raises(subprocess.CalledProcessError):  # the checkpoint is a DAM-VLA: no CogACT ablation on top
+        run("cogact", "0")
+    del env["FINETUNE"]
     env["STEPS"] = "lots"
     with pytest.raises(subprocess.CalledProcessError):
         run("damvla", "0")
