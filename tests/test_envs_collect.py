@@ -16,6 +16,7 @@ from damvla.data.lerobot import LeRobotDatasetReader  # noqa: E402
 from damvla.envs import collect  # noqa: E402
 from damvla.envs.base import InitialState  # noqa: E402
 from damvla.envs.metaworld import INSTRUCTIONS, MetaWorldEnv  # noqa: E402
+from damvla.keys import MAIN_IMAGE_KEY  # noqa: E402
 from damvla.weighting import gripper_flips  # noqa: E402
 
 pytestmark = pytest.mark.sim
@@ -186,7 +187,7 @@ def test_dagger_keeps_policy_driven_episodes_labelled_by_the_expert_after_the_ba
     assert [r["key"] for r in kept] == [f"reach-v3/seed-{s}" for s in range(4)]  # new seeds after the base's
     for i in range(2):  # the base, copied
         np.testing.assert_array_equal(ds.episode_actions(i), old.episode_actions(i))
-        a, b = ds.episode_frames(i, collect.CAMERA_KEY), old.episode_frames(i, collect.CAMERA_KEY)
+        a, b = ds.episode_frames(i, MAIN_IMAGE_KEY), old.episode_frames(i, MAIN_IMAGE_KEY)
         assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 3  # re-encoded video
     for i in (2, 3):
         assert not kept[i]["success"] and ds.episode(i).length == 12  # failed, kept whole

@@ -196,8 +196,17 @@ def test_metaworld_collect_records_extra_cameras_and_a_two_camera_policy_drives_
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(DAMVLAPolicy, "predict_action_chunk", spy)
         assert main(["eval", str(ckpt), "--suite", "reach", "--episodes", "1", "--max-steps", "6", "--execute-steps", "3",
-                     "--out", str(tmp_path / "eval"), "--no-progress", "--threads", "1", "--videos", "0"]) == 0  # fmt: skip
+                     "--out", str(tmp_path / "eval"), "--no-progress", "--threads", "1", "--videos", "1"]) == 0  # fmt: skip
     assert seen and all(keys == sorted([CAM, front]) for keys in seen)
+    # the episode's video films both cameras side by side: twice as wide as one square view is high
+    import av
+
+    from damvla.evaluation.video import BAR_HEIGHT
+
+    video = next((tmp_path / "eval" / "videos").rglob("*.mp4"))
+    with av.open(str(video)) as container:
+        frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    assert frame.shape[1] == 2 * (frame.shape[0] - BAR_HEIGHT)
 
     other = DAMVLAPolicy(apply_overrides(preset("tiny"), ['vision.extra_cameras=["corner2"]', "dit.depth=1"]),
                          ActionNormalizer.identity(7), ds.metadata | {"camera_keys": [CAM, "observation.images.corner2"]},

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from damvla.config import PRESETS, PolicyConfig, preset
+from damvla.keys import image_key
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STAGES = ("vision", "language model", "action head (+router)")
@@ -84,7 +85,7 @@ def make_inputs(cfg: PolicyConfig, batch: int, device: torch.device | str, seed:
     s = cfg.vision.image_size
     images = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g)
     # every camera the policy reads gets the same frames: the cost, not the content, is measured
-    out: dict[str, Any] = {f"observation.images.{c}": images.to(device) for c in cfg.vision.cameras}
+    out: dict[str, Any] = {image_key(c): images.to(device) for c in cfg.vision.cameras}
     return out | {"task": [INSTRUCTION] * batch}
 
 

@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from damvla.keys import MAIN_IMAGE_KEY, image_key
+
 POLICIES = ("checkpoint", "expert", "random")
 EXECUTIONS = ("chunk", "adaptive_ensemble", "temporal_ensemble")
-CAMERA_KEY = "observation.images.image"  # the only camera key the rollout harness provides
 VIDEO_FPS = 30  # Meta-World runs at 80 Hz; 30 fps plays episodes at ~0.4x, easier to follow
 
 
@@ -178,10 +179,10 @@ def check_checkpoint(policy: Any, tasks: list[str], camera: str | None, resoluti
         raise ValueError(
             f"{where}: gripper_index={cfg.gripper_index}, but the env's gripper is dimension {GRIPPER_INDEX}"
         )
-    if policy.image_key != CAMERA_KEY:
+    if policy.image_key != MAIN_IMAGE_KEY:
         raise ValueError(
             f"{where}: the policy reads {policy.image_key!r} (vision.camera={cfg.vision.camera!r}); the "
-            f"evaluation envs provide their camera as {CAMERA_KEY!r}"
+            f"evaluation envs provide their camera as {MAIN_IMAGE_KEY!r}"
         )
     # Extra cameras: `damvla collect metaworld --extra-cameras NAME` stores Meta-World camera NAME under
     # observation.images.NAME, so the name the policy reads is the camera the envs render.
@@ -190,7 +191,7 @@ def check_checkpoint(policy: Any, tasks: list[str], camera: str | None, resoluti
     if keys is not None and list(keys) != policy.image_keys:
         raise ValueError(
             f"checkpoint metadata.json: camera_keys={keys}, but the policy reads {policy.image_keys} and the envs "
-            f"provide {[CAMERA_KEY] + [f'observation.images.{c}' for c in extra]}"
+            f"provide {[MAIN_IMAGE_KEY] + [image_key(c) for c in extra]}"
         )
     dam = meta.get("damvla") or {}
     mapping = dam.get("action_mapping")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from damvla import weighting
+from damvla.keys import MAIN_IMAGE_KEY, camera_name
 from damvla.normalize import CONSTANT_RANGE
 
 
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-decode", dest="decode", action="store_false", help="skip the full decode (metadata only)")
 
 
-DEFAULT_CAMERA = "observation.images.image"
+DEFAULT_CAMERA = MAIN_IMAGE_KEY
 
 
 def pick_camera(camera_keys: list[str], camera: str | None) -> tuple[str, str | None]:
@@ -83,7 +84,7 @@ def pick_camera(camera_keys: list[str], camera: str | None) -> tuple[str, str | 
         return DEFAULT_CAMERA, None
     if len(camera_keys) == 1:
         key = camera_keys[0]
-        name = key.removeprefix("observation.images.")
+        name = camera_name(key)
         return key, (f"camera {key!r} picked: it is the dataset's only camera (train with the override "
                      f"vision.camera={name})")  # fmt: skip
     if not camera_keys:

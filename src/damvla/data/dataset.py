@@ -35,13 +35,11 @@ from tqdm import tqdm
 
 from damvla import weighting
 from damvla.data.lerobot import CAMERA_DTYPES, INFO_PATH, STATS_PATH, DatasetError, LeRobotDatasetReader
+from damvla.keys import ACTION_KEY, ENV_STATE_KEY, STATE_KEY, image_key
 from damvla.normalize import ActionNormalizer
 
 __all__ = ["PolicyDataset", "EpisodeBlockSampler", "resize_images", "binarize_gripper", "GripperSpec"]
 
-ACTION_KEY = "action"
-STATE_KEY = "observation.state"
-ENV_STATE_KEY = "observation.environment_state"
 
 
 def resize_images(images: torch.Tensor, size: int, batch: int = 64) -> torch.Tensor:
@@ -196,7 +194,7 @@ class PolicyDataset(Dataset):
         cams = [camera] if isinstance(camera, str) else list(camera)
         if not cams:
             raise ValueError("camera: at least one camera is needed")
-        self.camera_keys = [c if c in r.features else f"observation.images.{c}" for c in cams]
+        self.camera_keys = [c if c in r.features else image_key(c) for c in cams]
         for key in self.camera_keys:
             if key not in r.features or r.features[key]["dtype"] not in CAMERA_DTYPES:
                 raise DatasetError(f"{info_path}: missing feature {key!r} (cameras: {r.camera_keys})")

@@ -46,6 +46,7 @@ from damvla.data.stats import (
     stats_from_json,
     stats_to_json,
 )
+from damvla.keys import STATE_KEY
 
 __all__ = [
     "CODEBASE_VERSION",
@@ -1170,7 +1171,7 @@ class LeRobotDatasetReader:
             .reshape(self.episode(episode_index).length, -1)
         )
 
-    def episode_states(self, episode_index: int, key: str = "observation.state") -> np.ndarray:
+    def episode_states(self, episode_index: int, key: str = STATE_KEY) -> np.ndarray:
         """(T, S) float32 states of one episode."""
         return (
             self.episode_arrays(episode_index, [key])[key]

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from damvla.keys import ENV_STATE_KEY, MAIN_IMAGE_KEY, STATE_KEY, image_key
+
 ATTEMPTS_FILE = "damvla_attempts.jsonl"  # in the writer's staging folder while collecting
 EPISODES_FILE = "meta/damvla_episodes.jsonl"  # in the finished dataset
-CAMERA_KEY = "observation.images.image"
-ENV_STATE_KEY = "observation.environment_state"  # LeRobot's key for the simulator's object state
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
     """Roll out the scripted expert for ``job`` and return the episode.
 
     Returns a dict with ``task, seed, key, success, success_final, steps, initial_state`` and, when
-    successful, ``frames``: ``{CAMERA_KEY: uint8 (T, H, W, 3), "observation.state": float32 (T, 4),
+    successful, ``frames``: ``{MAIN_IMAGE_KEY: uint8 (T, H, W, 3), STATE_KEY: float32 (T, 4),
     "action": float32 (T, 7)}`` (plus ``ENV_STATE_KEY``: float32 (T, 39) with ``job.environment_state``, and
     ``observation.images.<name>`` for each of ``job.extra_cameras``); frame t holds the observation before action t. With ``job.noise`` the
     executed xyz command is perturbed (``NOISE_CORRELATION``) and ``action`` still holds the expert's.
@@ -161,10 +161,10 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
         actions.append(a)  # the label: the expert's command, also where the executed one was perturbed
         if learner is not None:
             batch = {"slot": [0], "episode_index": [0], "episode_start": [len(actions) == 1],
-                     "task": [env.instruction], CAMERA_KEY: obs["image"].transpose(2, 0, 1)[None],
-                     "observation.state": obs["state"][None]}  # fmt: skip
+                     "task": [env.instruction], MAIN_IMAGE_KEY: obs["image"].transpose(2, 0, 1)[None],
+                     STATE_KEY: obs["state"][None]}  # fmt: skip
             for c in job.extra_cameras:
-                batch[f"observation.images.{c}"] = obs["images"][c].transpose(2, 0, 1)[None]
+                batch[image_key(c)] = obs["images"][c].transpose(2, 0, 1)[None]
             proposed = learner(batch)[0]  # every step, so the learner's action queue stays in step
             if mix.random() >= job.beta:
                 a = proposed.astype(np.float64)
@@ -191,14 +191,14 @@ def run_episode(job: CollectJob) -> dict[str, Any]:
     }
     if success or job.policy is not None:
         out["frames"] = {
-            CAMERA_KEY: np.stack(images),
-            "observation.state": np.stack(states).astype(np.float32),
+            MAIN_IMAGE_KEY: np.stack(images),
+            STATE_KEY: np.stack(states).astype(np.float32),
             "action": np.stack(actions).astype(np.float32),
         }
         if job.environment_state:
             out["frames"][ENV_STATE_KEY] = np.stack(privileged).astype(np.float32)
         for c in job.extra_cameras:
-            out["frames"][f"observation.images.{c}"] = np.stack(extra_images[c])
+            out["frames"][image_key(c)] = np.stack(extra_images[c])
     return out
 
 
@@ -211,9 +211,9 @@ def features(resolution: int, state_names: list[str], environment_state: bool = 
 
     env = {ENV_STATE_KEY: {"dtype": "float32", "shape": [len(PRIVILEGED_NAMES)], "names": list(PRIVILEGED_NAMES)}}
     video = {"dtype": "video", "shape": [resolution, resolution, 3], "names": ["height", "width", "channels"]}
-    cameras = {key: dict(video) for key in [CAMERA_KEY] + [f"observation.images.{c}" for c in extra_cameras]}
+    cameras = {key: dict(video) for key in [MAIN_IMAGE_KEY] + [image_key(c) for c in extra_cameras]}
     return (cameras | {
-        "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
+        STATE_KEY: {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
         "action": {"dtype": "float32", "shape": [7], "names": list(ACTION_NAMES)},
     }) | (env if environment_state else {})
 
@@ -572,8 +572,8 @@ def _copy_base(writer: Any, attempts_path: Path, episodes: list[tuple[dict[str, 
     done = writer.completed_episodes()
     todo = [(r, i) for r, i in episodes if r["key"] not in done]
     for row, index in tqdm(todo, desc="copy --from", unit="ep", disable=not progress or not todo):
-        frames = reader.episode_arrays(index, ["observation.state", "action"] + ([ENV_STATE_KEY] if environment_state else []))
-        for key in [CAMERA_KEY] + [f"observation.images.{c}" for c in extra_cameras]:
+        frames = reader.episode_arrays(index, [STATE_KEY, "action"] + ([ENV_STATE_KEY] if environment_state else []))
+        for key in [MAIN_IMAGE_KEY] + [image_key(c) for c in extra_cameras]:
             frames[key] = reader.episode_frames(index, key)
         new = writer.add_episode(frames, task=reader.episode(index).tasks[0], key=row["key"])
         _append_attempt(attempts_path, {**row, "episode_index": new, "from": str(base)})

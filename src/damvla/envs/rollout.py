@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from damvla.envs.base import ActionMapping, Env, InitialState
+from damvla.keys import MAIN_IMAGE_KEY, STATE_KEY, image_key
 
 PolicyFn = Callable[[dict[str, Any]], np.ndarray]
 
@@ -84,7 +85,8 @@ class RolloutSpec:
 
 @dataclass
 class EpisodeResult:
-    """Outcome of one spec. ``frames`` (uint8 (T, H, W, 3), upright) only when recorded.
+    """Outcome of one spec. ``frames`` (uint8 (T, H, W, 3), upright) only when recorded; with extra cameras
+    each frame holds every camera side by side, the first camera leftmost (W = cameras x width).
 
     ``error`` is None for an episode that ran to its end, else what went wrong (then ``success`` is
     False and ``steps`` counts the steps done before the failure). ``env_seconds``: wall time the
@@ -316,6 +318,15 @@ class _Slot:
 
 
 # ---- main loop -----------------------------------------------------------------------------------
+def _film_frame(r: _Running) -> np.ndarray:
+    """What the episode's video shows at this step: every camera the policy sees, side by side (a
+    two-camera policy's failures are often visible in only one of them)."""
+    if not r.spec.extra_cameras:
+        return r.obs["image"]
+    extra = r.obs.get("images") or {}
+    return np.concatenate([r.obs["image"], *(extra[c] for c in r.spec.extra_cameras if c in extra)], axis=1)
+
+
 def _chw(r: _Running, camera: str | None = None) -> np.ndarray:
     """The episode's image (of extra camera ``camera``) channel-first, or zeros of the spec's size when it is
     not rendered."""
@@ -420,16 +431,16 @@ def rollout(
             order = sorted(running)
             cur = [running[s] for s in order]
             batch = {
-                "observation.images.image": np.stack([_chw(r) for r in cur]),
+                MAIN_IMAGE_KEY: np.stack([_chw(r) for r in cur]),
                 "has_image": np.asarray([r.obs["image"] is not None for r in cur]),
-                "observation.state": np.stack([r.obs["state"] for r in cur]).astype(np.float32),
+                STATE_KEY: np.stack([r.obs["state"] for r in cur]).astype(np.float32),
                 "task": [r.instruction for r in cur],
                 "slot": np.asarray(order, dtype=np.int64),
                 "episode_start": np.asarray([r.start for r in cur]),
                 "episode_index": np.asarray([r.spec_index for r in cur], dtype=np.int64),
             }
             for cam in dict.fromkeys(c for r in cur for c in r.spec.extra_cameras):
-                batch[f"observation.images.{cam}"] = np.stack([_chw(r, cam) for r in cur])
+                batch[image_key(cam)] = np.stack([_chw(r, cam) for r in cur])
             if privileged:
                 batch["privileged"] = np.stack([r.obs["privileged"] for r in cur])
             actions = np.asarray(policy_fn(batch), dtype=np.float32)
@@ -437,7 +448,7 @@ def rollout(
                 raise ValueError(f"policy_fn returned shape {actions.shape}, expected ({len(cur)}, 7)")
             for s, r, a in zip(order, cur, actions):
                 if (record_frames or r.spec.record_frames) and r.obs["image"] is not None:
-                    r.frames.append(r.obs["image"])
+                    r.frames.append(_film_frame(r))
                 slots[s].send(("step", a))
             for s, r in zip(order, cur):  # all workers step in parallel, then we collect
                 try:

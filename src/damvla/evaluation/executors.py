@@ -29,6 +29,7 @@ import torch
 
 from damvla.config import InferenceConfig
 from damvla.envs.base import ACTION_DIM, GRIPPER_INDEX, GRIPPER_THRESHOLD
+from damvla.keys import MAIN_IMAGE_KEY, STATE_KEY
 
 
 def episode_seed(seed: int, key: str) -> int:
@@ -203,12 +204,12 @@ class CheckpointExecutor(Executor):
             raise ValueError("the checkpoint policy needs rendered images: run every spec with render=True")
         if need:
             sub: dict[str, Any] = {
-                "observation.state": torch.from_numpy(np.asarray(batch["observation.state"][need])),
+                STATE_KEY: torch.from_numpy(np.asarray(batch[STATE_KEY][need])),
                 "task": [batch["task"][row] for row in need],
             }
             # The envs' first camera is observation.images.image whatever the policy calls it; extra cameras
             # arrive under the policy's own keys (observation.images.<name>).
-            env_keys = ["observation.images.image", *self.policy.image_keys[1:]]
+            env_keys = [MAIN_IMAGE_KEY, *self.policy.image_keys[1:]]
             for key, env_key in zip(self.policy.image_keys, env_keys):
                 if env_key not in batch:
                     raise ValueError(f"the envs rendered no {env_key!r}, which the policy reads as {key!r}")

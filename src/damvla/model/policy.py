@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from damvla import __version__
+from damvla import __version__, keys
 from damvla.config import PolicyConfig
 from damvla.diffusion import Diffusion, TrainingDraws
+from damvla.keys import ENV_STATE_KEY, STATE_KEY
 from damvla.model.action_queue import ActionQueue
 from damvla.model.dit import DiTActionHead
 from damvla.model.language import LanguageBackbone
@@ -37,8 +38,6 @@ from damvla.normalize import ActionNormalizer
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "normalization.json", "metadata.json")
 ARM, GRIPPER = 0, 1
-STATE_KEY = "observation.state"
-ENV_STATE_KEY = "observation.environment_state"
 # metadata.json entry of a checkpoint whose frozen encoder is referenced by path instead of copied.
 VISION_REFERENCE = "vision_reference"
 
@@ -115,7 +114,7 @@ class DAMVLAPolicy(nn.Module):
     @property
     def image_keys(self) -> list[str]:
         """The batch keys of every camera the policy reads (``vision.cameras``), in token order."""
-        return [f"observation.images.{c}" for c in self.config.vision.cameras]
+        return [keys.image_key(c) for c in self.config.vision.cameras]
 
     @property
     def image_key(self) -> str:
@@ -125,7 +124,7 @@ class DAMVLAPolicy(nn.Module):
     def _images(self, batch: dict[str, Any], key: str) -> torch.Tensor:
         s = self.config.vision.image_size
         if key not in batch:
-            have = sorted(k for k in batch if k.startswith("observation.images."))
+            have = sorted(k for k in batch if k.startswith(keys.IMAGE_KEY_PREFIX))
             raise ValueError(f"batch lacks {key!r} (vision.cameras={self.config.vision.cameras!r}); image keys present: {have}")
         x = batch[key]
         if not isinstance(x, torch.Tensor):

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from damvla.keys import STATE_KEY, image_key
+
 MIN_IMAGE_SIDE = 8  # smaller than this is not a camera frame
 MAX_IMAGE_SIDE = 4096
 MAX_STATE_DIM = 1024
@@ -253,11 +255,11 @@ def observation_to_batch(
     if check_prompt is not None:
         check_prompt(obs_map.prompt, prompt)
     batch: dict[str, Any] = {
-        f"observation.images.{camera}": resize_image(img, image_size, obs_map.resize).unsqueeze(0)
+        image_key(camera): resize_image(img, image_size, obs_map.resize).unsqueeze(0)
         for camera, img in images.items()
     }
     if state is not None:
-        batch["observation.state"] = state
+        batch[STATE_KEY] = state
     batch["task"] = [prompt]
     return batch
 
@@ -274,7 +276,7 @@ def state_dim_from_metadata(metadata: dict[str, Any] | None) -> int | None:
     dim = metadata.get("state_dim")
     if dim is None:
         features = metadata.get("features")
-        key = metadata.get("state_key") or "observation.state"
+        key = metadata.get("state_key") or STATE_KEY
         feat = features.get(key) if isinstance(features, dict) and isinstance(key, str) else None
         shape = feat.get("shape") if isinstance(feat, dict) else feat
         dim = shape[0] if isinstance(shape, (list, tuple)) and len(shape) == 1 else None

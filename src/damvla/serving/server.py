@@ -50,6 +50,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from damvla.config import PolicyConfig
+from damvla.keys import STATE_KEY, image_key
 from damvla.serving.observation import (
     MAX_IMAGE_SIDE,
     MAX_PROMPT_CHARS,
@@ -458,7 +459,7 @@ class PolicyServer:
                 "dtype": "uint8",
                 "shape": [s, s, 3],  # the model's size; any H x W in range is accepted and resized
                 "required": key in om.required,
-                "maps_to": f"observation.images.{cam}",
+                "maps_to": image_key(cam),
                 "read_by_model": cam in cfg.vision.cameras,
             }
         if om.state is not None:
@@ -466,7 +467,7 @@ class PolicyServer:
                 "dtype": "float32",
                 "shape": [self.state_dim if self.state_dim is not None else -1],  # -1: any length
                 "required": om.state_required,
-                "maps_to": "observation.state",
+                "maps_to": STATE_KEY,
                 # the paper's DAM-VLA / CogACT condition on images + instruction only; state_dim > 0 adds it
                 "read_by_model": bool(cfg.state_dim),
             }

@@ -18,9 +18,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from damvla.config import PolicyConfig
-from damvla.data.dataset import ENV_STATE_KEY, PolicyDataset
+from damvla.data.dataset import PolicyDataset
 from damvla.data.lerobot import CAMERA_DTYPES, DatasetError, LeRobotDatasetReader
 from damvla.diffusion import TrainingDraws
+from damvla.keys import ENV_STATE_KEY, STATE_KEY, image_key
 
 SEED_KEY = "_sample_seed"  # extra batch key: each sample's draw seed (int64), popped before the forward
 
@@ -85,7 +86,7 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
     check_sample(ds[0], cfg, root)
     if episodes is None:
         check_prompts(reader.tasks, cfg, root)
-    if cfg.state_dim and tuple(ds[0]["observation.state"].shape) != (cfg.state_dim,):
+    if cfg.state_dim and tuple(ds[0][STATE_KEY].shape) != (cfg.state_dim,):
         raise ValueError(f"dataset {root}: observation.state has shape {tuple(ds[0]['observation.state'].shape)}, "
                          f"the config has state_dim={cfg.state_dim}")  # fmt: skip
     if cfg.env_state_dim and tuple(ds[0][ENV_STATE_KEY].shape) != (cfg.env_state_dim,):
@@ -98,7 +99,7 @@ def camera_keys(reader: LeRobotDatasetReader, cfg: PolicyConfig, root: str) -> l
     """The dataset's feature keys of the config's cameras (``vision.cameras``), checked to exist."""
     keys = []
     for cam in cfg.vision.cameras:
-        key = cam if cam in reader.features else f"observation.images.{cam}"
+        key = cam if cam in reader.features else image_key(cam)
         if key not in reader.features or reader.features[key]["dtype"] not in CAMERA_DTYPES:
             field = "vision.camera" if cam == cfg.vision.camera else "vision.extra_cameras"
             value = cam if cam == cfg.vision.camera else cfg.vision.extra_cameras
@@ -145,7 +146,7 @@ def check_prompts(tasks: list[str], cfg: PolicyConfig, root: str) -> None:
 def check_sample(x: dict[str, Any], cfg: PolicyConfig, root: str) -> None:
     """One sample against what the policy expects (shapes in docs/CONTRACTS.md)."""
     s, h, d = cfg.vision.image_size, cfg.horizon, cfg.action_dim
-    want = {f"observation.images.{c}": (3, s, s) for c in cfg.vision.cameras}
+    want = {image_key(c): (3, s, s) for c in cfg.vision.cameras}
     want |= {"action": (h, d), "action_is_pad": (h,), "trajectory_weight": (h,), "router_label": ()}
     for k, shape in want.items():
         if k not in x:
