@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One training seed of one row of the grip3 table (docs/results.md, issue #11), then the table again.
 #
-#   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq | damvla-envstate; SEED: 0, 1, 2
+#   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq | damvla-envstate |
+#                                          #      cogact-envstate; SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
 #   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
@@ -84,8 +85,12 @@ table() {  # table [ROW SEED EVAL RUN]: every kept record, with ROW/sSEED from i
     done
     [ $# -eq 4 ] && runs+=(--run "$1/s$2=$3:$4")
     [ ${#runs[@]} -gt 0 ] || { echo "no records in $RECORDS yet" >&2; return 1; }
-    local baseline=()
-    [[ " ${runs[*]}" == *" cogact/s"* ]] && baseline=(--baseline cogact)
+    local baseline=()  # CogACT; where only its environment-state row was run, that one
+    if [[ " ${runs[*]}" == *" cogact/s"* ]]; then
+        baseline=(--baseline cogact)
+    elif [[ " ${runs[*]}" == *" cogact-envstate/s"* ]]; then
+        baseline=(--baseline cogact-envstate)
+    fi
     "$DAMVLA" compare "${runs[@]}" "${baseline[@]}" --title "$TITLE" \
         --append-results docs/results.md --figures docs/figures --keep-records "$RECORDS"
 }
@@ -94,7 +99,7 @@ if [ "${1:-}" = "--table" ]; then
     table
     exit
 fi
-ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate"
+ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate"
 ROW=${1:?usage: $0 $ROWS SEED  (or --table)}
 SEED=${2:?usage: $0 $ROWS SEED}
 STATE=state_dim=4  # proprioception on (the cpu preset's measured choice); damvla-nostate: the paper's inputs
@@ -107,6 +112,8 @@ case $ROW in
     # f_cog also regresses Meta-World's object and goal state during training (env_state_dim, docs/method.md),
     # from the same demonstrations collected with that column (data of their own)
     damvla-envstate) ABLATION=(); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
+    # the single-head baseline with the same auxiliary target: the rows differ in the heads alone
+    cogact-envstate) ABLATION=(--ablation cogact); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac
 RUN=$WORK/runs/${TAG}_${ROW}_s${SEED}

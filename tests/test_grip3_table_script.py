@@ -110,6 +110,13 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     assert "--camera front" in two[0] and two[0].endswith("--extra-cameras corner4 --environment-state")
     assert f"--out {work}/data/grip3_front_corner4_52_envstate" in two[0]
     assert two[1].endswith('env_state_dim=39 vision.extra_cameras=["corner4"]')
+    # CogACT with the same auxiliary target reads the same data; it is the baseline where plain CogACT was not run
+    (repo / "docs" / "records" / "front2" / "damvla-envstate_s1").mkdir(parents=True)
+    (repo / "docs" / "records" / "front2" / "damvla-envstate_s1" / "record.json").write_text("{}")
+    single = run("cogact-envstate", "0")
+    assert single[0].startswith("train") and "--ablation cogact" in single[0]  # the data is there already
+    assert single[0].endswith('env_state_dim=39 vision.extra_cameras=["corner4"]')
+    assert "--baseline cogact-envstate" in single[-1] and "damvla-envstate/s1=" in single[-1]
     env["THREADS"], env["WORKERS"] = "2", "2"
     threaded = run("cogact", "0")
     assert "--threads 2" in threaded[-3] and "--workers 2" in threaded[-2]
