@@ -185,3 +185,49 @@ def test_episodes_are_split_by_where_the_object_starts_and_the_goal_is_pooled_ov
     assert main(["compare", "--run", f"p={tmp_path / 'plain'}", "--title", "plain", "--append-results", str(page),
                  "--figures", str(tmp_path)]) == 0  # fmt: skip
     assert page.read_text().count("Where in the workspace") == 1
+
+
+def test_paired_interval_is_newcombes_and_narrows_when_two_policies_solve_the_same_states():
+    from damvla.evaluation.stats import mcnemar_exact_p, paired_difference_interval
+
+    # no association beyond Newcombe's n/2 allowance: the paired interval is the unpaired one
+    assert paired_difference_interval(5, 5, 5, 5) == pytest.approx(difference_interval(10, 20, 10, 20))
+    # 88 solved by both, 11 by the row alone, 7 by the baseline alone: +2.7 points either way
+    d, lo, hi = paired_difference_interval(88, 11, 7, 44)
+    _, ulo, uhi = difference_interval(99, 150, 95, 150)
+    assert d == pytest.approx(4 / 150) and ulo < lo < 0 < hi < uhi
+    # every discordant episode one way: the interval leaves 0 out
+    assert paired_difference_interval(14, 5, 0, 22)[1] > 0
+    assert mcnemar_exact_p(5, 0) == pytest.approx(2 / 32) and mcnemar_exact_p(11, 7) == pytest.approx(0.4807, abs=1e-4)
+    assert mcnemar_exact_p(0, 0) == 1.0
+    with pytest.raises(ValueError):
+        paired_difference_interval(0, 0, 0, 0)
+
+
+def test_runs_on_the_same_states_get_a_paired_difference_seed_with_seed(tmp_path):
+    outcomes = {  # per seed: the row's and the baseline's success on 4 shared states of one task
+        "s0": ([1, 1, 1, 0], [1, 0, 0, 0]),
+        "s1": ([1, 1, 0, 0], [1, 1, 0, 0]),
+    }
+    runs = []
+    for seed, (mine, base) in outcomes.items():
+        for row, succ in (("dam", mine), ("cog", base)):
+            d = tmp_path / f"{row}{seed}"
+            _fake_eval(d, row, {"push-v3": sum(succ)})
+            (d / "episodes.jsonl").write_text("".join(
+                json.dumps({"task": "push-v3", "key": f"push-v3/seed-{i}", "success": bool(s)}) + "\n"
+                for i, s in enumerate(succ)))  # fmt: skip
+            runs += ["--run", f"{row}/{seed}={d}"]
+    page = tmp_path / "results.md"
+    assert main(["compare", *runs, "--baseline", "cog", "--title", "paired", "--append-results", str(page),
+                 "--figures", str(tmp_path)]) == 0  # fmt: skip
+    text = page.read_text()
+    assert "Paired with `cog` on the same initial states" in text
+    # 8 pairs: both 3 (s0: 1, s1: 2), only dam 2 (s0), only cog 0, neither 3; McNemar p = 2/4
+    row = next(line for line in text.splitlines() if line.startswith("| dam | s0, s1 |"))
+    assert row.startswith("| dam | s0, s1 | 8 | 3 | 2 | 0 | 3 | +25") and row.endswith("| 0.5 |")
+    # different initial states cannot be paired
+    (tmp_path / "cogs1" / "initial_states.jsonl").write_text('{"seed": 2}\n')
+    assert main(["compare", *runs, "--baseline", "cog", "--title", "unpaired", "--append-results", str(page),
+                 "--figures", str(tmp_path)]) == 0  # fmt: skip
+    assert "Paired with" not in page.read_text().split("## unpaired")[1]

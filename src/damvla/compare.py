@@ -27,7 +27,13 @@ from typing import Any
 
 from damvla.evaluation import placement
 from damvla.evaluation.report import append_section, section_id
-from damvla.evaluation.stats import difference_interval, format_difference, wilson_interval
+from damvla.evaluation.stats import (
+    difference_interval,
+    format_difference,
+    mcnemar_exact_p,
+    paired_difference_interval,
+    wilson_interval,
+)
 from damvla.training.logger import read_metrics
 
 
@@ -283,6 +289,8 @@ def render(runs: list[Run], baseline: str | None, title: str, figure: Path | Non
                 ov = r.results["overall"]
                 lines.append(f"| {r.name} | {name} | " + " | ".join(counts)
                              + f" | {ov['milestones'].get(name, 0)}/{ov['episodes']} |")  # fmt: skip
+    if baseline is not None and same_states:
+        lines += paired_table(runs, groups, baseline, tasks)
     lines += placement_table(runs, groups, states)
     if figure is not None:
         lines += ["", f"![training curves]({_rel(figure, page_dir)})", "",
@@ -356,6 +364,63 @@ def pooled_table(groups: dict[str, list[Run]], tasks: list[str], baseline: str |
                     d, lo, hi = difference_interval(k1, n1, k2, n2)
                     cells.append(f"{k1}/{n1} vs {k2}/{n2}: {format_difference(d, lo, hi)}")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _seed(name: str) -> str:
+    return name.split("/", 1)[1] if "/" in name else ""
+
+
+def _paired_counts(pairs: list[tuple[Run, Run]], task: str | None) -> tuple[int, int, int, int]:
+    """(both, only the row, only the baseline, neither) over the episodes the two runs of each pair share."""
+    both = only1 = only2 = neither = 0
+    for r, b in pairs:
+        base = {(e.get("task"), e.get("key")): bool(e.get("success")) for e in b.episodes}
+        for e in r.episodes:
+            other = base.get((e.get("task"), e.get("key")))
+            if e.get("key") is None or other is None or (task is not None and e.get("task") != task):
+                continue
+            mine = bool(e["success"])
+            both += mine and other
+            only1 += mine and not other
+            only2 += other and not mine
+            neither += not mine and not other
+    return both, only1, only2, neither
+
+
+def paired_table(runs: list[Run], groups: dict[str, list[Run]] | None, baseline: str, tasks: list[str]) -> list[str]:
+    """Each row against the baseline episode by episode: the runs share their initial states, so the
+    difference has a paired interval (narrower than the unpaired one when both succeed on the same states).
+    Seeded rows pair each seed with the baseline's run of the same seed; unmatched seeds are left out."""
+    if groups is not None and baseline in groups:
+        base_runs = {_seed(r.name): r for r in groups[baseline]}
+        rows = {name: rs for name, rs in groups.items() if name != baseline}
+    else:
+        base = next((r for r in runs if r.name == baseline), None)
+        if base is None:
+            return []
+        base_runs = {"": base}
+        rows = {r.name: [r] for r in runs if r is not base}
+    lines: list[str] = []
+    for name, rs in rows.items():
+        pairs = [(r, base_runs.get(_seed(r.name), base_runs.get(""))) for r in rs]
+        pairs = [(r, b) for r, b in pairs if b is not None and r is not b]
+        overall = _paired_counts(pairs, None)
+        if not sum(overall):
+            continue
+        if not lines:
+            lines += ["", f"Paired with `{baseline}` on the same initial states (each episode against the baseline's "
+                      "episode from the same state, seed with seed; percentage points, Newcombe's paired 95% "
+                      "interval; exact McNemar p on the episodes only one of the two solved; like the pooled interval, it "
+                      "leaves out seed-to-seed variance):", ""]  # fmt: skip
+            lines += ["| row | seeds paired | episodes | both | only row | only baseline | neither | "
+                      + " | ".join(tasks) + " | average | McNemar p |", "|" + "---|" * (len(tasks) + 9)]  # fmt: skip
+        cells = [format_difference(*paired_difference_interval(*_paired_counts(pairs, t))) for t in tasks]
+        both, only1, only2, neither = overall
+        seeds = ", ".join(_seed(r.name) or r.name for r, _ in pairs)
+        lines.append(f"| {name} | {seeds} | {sum(overall)} | {both} | {only1} | {only2} | {neither} | "
+                     + " | ".join(cells) + f" | {format_difference(*paired_difference_interval(*overall))} | "
+                     f"{mcnemar_exact_p(only1, only2):.3g} |")  # fmt: skip
     return lines
 
 

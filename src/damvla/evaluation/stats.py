@@ -61,6 +61,41 @@ def difference_interval(k1: int, n1: int, k2: int, n2: int) -> tuple[float, floa
     return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
+def paired_difference_interval(both: int, only1: int, only2: int, neither: int) -> tuple[float, float, float]:
+    """p1 - p2 of two policies run on the same episodes (the same initial states), with Newcombe's (1998)
+    score interval for paired proportions (the Wilson intervals of both rates, joined through their
+    continuity-corrected phi correlation). Two policies on the same states mostly succeed and fail together;
+    the unpaired interval ignores that and is wider than the evidence allows."""
+    counts = (both, only1, only2, neither)
+    if min(counts) < 0 or sum(counts) == 0:
+        raise ValueError(f"paired_difference_interval: need counts >= 0, not all 0, got {counts}")
+    n = sum(counts)
+    k1, k2 = both + only1, both + only2
+    p1, p2 = k1 / n, k2 / n
+    l1, u1 = wilson_interval(k1, n)
+    l2, u2 = wilson_interval(k2, n)
+    margins = (both + only1) * (only2 + neither) * (both + only2) * (only1 + neither)
+    cross = both * neither - only1 * only2
+    # Newcombe's correction: a positive association is shrunk by n/2, so the interval errs on the wide side
+    corrected = cross - n / 2 if cross > n / 2 else (cross if cross < 0 else 0.0)
+    phi = corrected / math.sqrt(margins) if margins > 0 else 0.0
+    d = p1 - p2
+    down = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    up = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return d, max(-1.0, d - down), min(1.0, d + up)
+
+
+def mcnemar_exact_p(only1: int, only2: int) -> float:
+    """Two-sided exact McNemar test: the chance of a split of the discordant episodes at least this uneven
+    if either policy were equally likely to be the one that succeeds."""
+    if only1 < 0 or only2 < 0:
+        raise ValueError(f"mcnemar_exact_p: need counts >= 0, got {only1}, {only2}")
+    n, k = only1 + only2, min(only1, only2)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def _rate(x: float, n: float) -> float | None:
     return x / n if n > 0 else None
 
