@@ -371,21 +371,21 @@ def _seed(name: str) -> str:
     return name.split("/", 1)[1] if "/" in name else ""
 
 
-def _paired_counts(pairs: list[tuple[Run, Run]], task: str | None) -> tuple[int, int, int, int]:
-    """(both, only the row, only the baseline, neither) over the episodes the two runs of each pair share."""
-    both = only1 = only2 = neither = 0
+def _paired_counts(pairs: list[tuple[Run, Run]]) -> dict[str | None, tuple[int, int, int, int]]:
+    """Per task, and overall under None: (both, only the row, only the baseline, neither) over the episodes the
+    two runs of each pair share."""
+    counts: dict[str | None, list[int]] = {}
     for r, b in pairs:
         base = {(e.get("task"), e.get("key")): bool(e.get("success")) for e in b.episodes}
         for e in r.episodes:
             other = base.get((e.get("task"), e.get("key")))
-            if e.get("key") is None or other is None or (task is not None and e.get("task") != task):
+            if e.get("key") is None or other is None:
                 continue
             mine = bool(e["success"])
-            both += mine and other
-            only1 += mine and not other
-            only2 += other and not mine
-            neither += not mine and not other
-    return both, only1, only2, neither
+            cell = 3 - 2 * mine - other  # both 0, only the row 1, only the baseline 2, neither 3
+            for task in (e.get("task"), None):
+                counts.setdefault(task, [0, 0, 0, 0])[cell] += 1
+    return {task: (c[0], c[1], c[2], c[3]) for task, c in counts.items()}
 
 
 def paired_table(runs: list[Run], groups: dict[str, list[Run]] | None, baseline: str, tasks: list[str]) -> list[str]:
@@ -405,9 +405,10 @@ def paired_table(runs: list[Run], groups: dict[str, list[Run]] | None, baseline:
     for name, rs in rows.items():
         pairs = [(r, base_runs.get(_seed(r.name), base_runs.get(""))) for r in rs]
         pairs = [(r, b) for r, b in pairs if b is not None and r is not b]
-        overall = _paired_counts(pairs, None)
-        if not sum(overall):
+        counts = _paired_counts(pairs)
+        if None not in counts:
             continue
+        overall = counts[None]
         if not lines:
             lines += ["", f"Paired with `{baseline}` on the same initial states (each episode against the baseline's "
                       "episode from the same state, seed with seed; percentage points, Newcombe's paired 95% "
@@ -415,7 +416,7 @@ def paired_table(runs: list[Run], groups: dict[str, list[Run]] | None, baseline:
                       "leaves out seed-to-seed variance):", ""]  # fmt: skip
             lines += ["| row | seeds paired | episodes | both | only row | only baseline | neither | "
                       + " | ".join(tasks) + " | average | McNemar p |", "|" + "---|" * (len(tasks) + 9)]  # fmt: skip
-        cells = [format_difference(*paired_difference_interval(*_paired_counts(pairs, t))) for t in tasks]
+        cells = [format_difference(*paired_difference_interval(*counts.get(t, (0, 0, 0, 0)))) for t in tasks]
         both, only1, only2, neither = overall
         seeds = ", ".join(_seed(r.name) or r.name for r, _ in pairs)
         lines.append(f"| {name} | {seeds} | {sum(overall)} | {both} | {only1} | {only2} | {neither} | "

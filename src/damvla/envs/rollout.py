@@ -323,8 +323,7 @@ def _film_frame(r: _Running) -> np.ndarray:
     two-camera policy's failures are often visible in only one of them)."""
     if not r.spec.extra_cameras:
         return r.obs["image"]
-    extra = r.obs.get("images") or {}
-    return np.concatenate([r.obs["image"], *(extra[c] for c in r.spec.extra_cameras if c in extra)], axis=1)
+    return np.concatenate([r.obs["image"], *(r.obs["images"][c] for c in r.spec.extra_cameras)], axis=1)
 
 
 def _chw(r: _Running, camera: str | None = None) -> np.ndarray:

@@ -83,14 +83,15 @@ def build_dataset(root: str, cfg: PolicyConfig, episodes: list[int] | None = Non
         )  # fmt: skip
     except DatasetError as e:
         raise ValueError(f"dataset {root}: {e}") from e
-    check_sample(ds[0], cfg, root)
+    sample = ds[0]  # one decode serves every check below
+    check_sample(sample, cfg, root)
     if episodes is None:
         check_prompts(reader.tasks, cfg, root)
-    if cfg.state_dim and tuple(ds[0][STATE_KEY].shape) != (cfg.state_dim,):
-        raise ValueError(f"dataset {root}: observation.state has shape {tuple(ds[0]['observation.state'].shape)}, "
+    if cfg.state_dim and tuple(sample[STATE_KEY].shape) != (cfg.state_dim,):
+        raise ValueError(f"dataset {root}: {STATE_KEY} has shape {tuple(sample[STATE_KEY].shape)}, "
                          f"the config has state_dim={cfg.state_dim}")  # fmt: skip
-    if cfg.env_state_dim and tuple(ds[0][ENV_STATE_KEY].shape) != (cfg.env_state_dim,):
-        raise ValueError(f"dataset {root}: {ENV_STATE_KEY} has shape {tuple(ds[0][ENV_STATE_KEY].shape)}, "
+    if cfg.env_state_dim and tuple(sample[ENV_STATE_KEY].shape) != (cfg.env_state_dim,):
+        raise ValueError(f"dataset {root}: {ENV_STATE_KEY} has shape {tuple(sample[ENV_STATE_KEY].shape)}, "
                          f"the config has env_state_dim={cfg.env_state_dim}")  # fmt: skip
     return ds
 
