@@ -76,6 +76,17 @@ def test_dataset_samples_and_metadata_hold_every_camera(dataset: Path) -> None:
         make(dataset, 'vision.extra_cameras=["top"]')
 
 
+def test_data_check_names_the_main_camera_and_how_to_read_the_other(
+    dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from damvla.cli import main
+
+    assert main(["data", "check", str(dataset), "--camera", "image"]) == 0
+    out = capsys.readouterr().out
+    assert f"main camera: {CAM} (a policy reads the others with vision.extra_cameras='[\"wrist\"]')" in out
+    assert f"decoded every frame of {WRIST}: ok" in out
+
+
 def test_policy_reads_every_camera(dataset: Path) -> None:
     policy, ds = make(dataset, *TWO)
     one, _ = make(dataset, "vision.patch_position=true")

@@ -140,6 +140,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _camera_note(main: str, keys: list[str]) -> str:
+    """Which camera a policy reads by default, and how it reads the others (every camera is decoded)."""
+    from damvla.keys import camera_name
+
+    others = [camera_name(k) for k in keys if k != main]
+    if not others:
+        return f"   training camera: {main}"
+    extra = ", ".join(f'"{c}"' for c in others)
+    return f"   main camera: {main} (a policy reads the others with vision.extra_cameras='[{extra}]')"
+
+
 def _fmt(v: float) -> str:
     return f"{v: .4g}"
 
@@ -156,7 +167,7 @@ def report(ds: Any, findings: list[str] | None = None) -> str:
         f"lengths   min {int(ds._ep_len.min())}  mean {ds._ep_len.mean():.1f}  max {int(ds._ep_len.max())}",
         "cameras   "
         + ", ".join(f"{k} ({r.features[k]['dtype']} {r.features[k]['shape']})" for k in r.camera_keys)
-        + f"   training camera: {ds.camera_key}",
+        + _camera_note(ds.camera_key, r.camera_keys),
         "tasks:",
     ]
     counts = np.bincount(ds._task_index, minlength=len(r.tasks))
