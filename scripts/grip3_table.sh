@@ -2,7 +2,7 @@
 # One training seed of one row of the grip3 table (docs/results.md, issue #11), then the table again.
 #
 #   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq | damvla-envstate |
-#                                          #      cogact-envstate; SEED: 0, 1, 2
+#                                          #      cogact-envstate | damvla-armq-envstate; SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
 #   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
@@ -99,7 +99,7 @@ if [ "${1:-}" = "--table" ]; then
     table
     exit
 fi
-ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate"
+ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate|damvla-armq-envstate"
 ROW=${1:?usage: $0 $ROWS SEED  (or --table)}
 SEED=${2:?usage: $0 $ROWS SEED}
 STATE=state_dim=4  # proprioception on (the cpu preset's measured choice); damvla-nostate: the paper's inputs
@@ -114,6 +114,9 @@ case $ROW in
     damvla-envstate) ABLATION=(); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     # the single-head baseline with the same auxiliary target: the rows differ in the heads alone
     cogact-envstate) ABLATION=(--ablation cogact); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
+    # the arm head with patch queries of its own besides the class tokens, as CogACT's single head reads its
+    # queries: with the environment-state target, its data and its rows (docs/results.md, push far sideways)
+    damvla-armq-envstate) ABLATION=(); EXTRA=(env_state_dim=39 vision.arm_queries=4); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac
 RUN=$WORK/runs/${TAG}_${ROW}_s${SEED}

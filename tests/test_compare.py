@@ -180,6 +180,8 @@ def test_episodes_are_split_by_where_the_object_starts_and_the_goal_is_pooled_ov
     assert "| 1/4 / 4/4 |" in text
     # goal z split at the middle of [0.05, 0.31]: 18 cm; below 4/6, at or above 0/2
     assert "| dam | pick-place-v3 | goal z = 18 cm | 67% (4/6) [30, 90] | 0% (0/2) [0, 66] | -67" in text
+    # how far sideways the goal (x = 0) lies from the object: |x| split at 7.5 cm; near 3/4, far 1/4
+    assert "| dam | pick-place-v3 | goal-object x distance = 8 cm | 75% (3/4) [30, 95] | 25% (1/4) [5, 70] | -50" in text
     # no positions recorded (SIMPLER, or older evaluations): no split table
     _fake_eval(tmp_path / "plain", "plain", {"push-v3": 3})
     assert main(["compare", "--run", f"p={tmp_path / 'plain'}", "--title", "plain", "--append-results", str(page),

@@ -175,8 +175,9 @@ def test_tiny_checkpoint_eval_writes_consistent_reports_and_repeats_exactly(ckpt
               for x in (out / "initial_states.jsonl").read_text().splitlines()}  # fmt: skip
     for split in res["placement"]:
         eps = [e for e in res["episodes"] if e["task"] == split["task"]]
-        field, axis = {"object x": ("obj_init_pos", 0), "goal z": ("goal_pos", 2)}[split["coordinate"]]
-        below = [e for e in eps if states[e["task"], e["seed"]][field][axis] < split["threshold_m"]]
+        value = {"object x": lambda d: d["obj_init_pos"][0], "goal z": lambda d: d["goal_pos"][2],
+                 "goal-object x distance": lambda d: abs(d["goal_pos"][0] - d["obj_init_pos"][0])}[split["coordinate"]]  # fmt: skip
+        below = [e for e in eps if value(states[e["task"], e["seed"]]) < split["threshold_m"]]
         assert split["episodes"] == [len(below), len(eps) - len(below)] and below and len(below) < len(eps)
         assert split["successes"][0] == sum(e["success"] for e in below)
         assert f"| {split['task']} | {split['coordinate']} = " in (out / "report.md").read_text()

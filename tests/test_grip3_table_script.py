@@ -76,6 +76,9 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     envstate = run("damvla-envstate", "0")  # its own data, collected with the environment state
     assert envstate[0].startswith("collect") and envstate[0].endswith("--environment-state")
     assert f"--out {work}/data/grip3_52_envstate" in envstate[0] and envstate[1].endswith("state_dim=4 env_state_dim=39")
+    armq_env = run("damvla-armq-envstate", "0")  # the environment-state data, the arm head's own queries
+    assert armq_env[0].endswith("state_dim=4 env_state_dim=39 vision.arm_queries=4") and "--ablation" not in armq_env[0]
+    assert f"--dataset {work}/data/grip3_52_envstate " in armq_env[0] and "damvla-armq-envstate/s0=" in armq_env[-1]
     with pytest.raises(subprocess.CalledProcessError):
         run("octo", "0")
 

@@ -1,5 +1,5 @@
 """Where in the workspace episodes fail: success and phase flags split by where an episode's object starts
-and where its goal is, read from the initial states an evaluation ran (Meta-World records ``obj_init_pos``
+and where its goal is (and how far apart the two are), read from the initial states an evaluation ran (Meta-World records ``obj_init_pos``
 and ``goal_pos`` in each one).
 
 A success rate averaged over the workspace can hide a policy that never solves one side of it: the grip3
@@ -12,13 +12,12 @@ sides of the sampled region.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from damvla.evaluation.stats import difference_interval, format_difference, wilson_interval
 
-# (label, initial-state field, axis): the coordinates an episode is split by, where the task varies them.
-COORDINATES = (("object x", "obj_init_pos", 0), ("goal z", "goal_pos", 2))
 MIN_SPREAD_M = 0.01  # a coordinate that varies less than this within a task is not split
 
 
@@ -51,6 +50,21 @@ def _coordinate(data: dict[str, Any], field: str, axis: int) -> float | None:
     return float(v[axis]) if isinstance(v, (list, tuple)) and len(v) > axis else None
 
 
+def _sideways(data: dict[str, Any]) -> float | None:
+    """How far sideways (along x) the goal lies from where the object starts: the object must be carried or
+    pushed that far across the table. The grip3 policies fail push far more often when it is large."""
+    g, o = _coordinate(data, "goal_pos", 0), _coordinate(data, "obj_init_pos", 0)
+    return None if g is None or o is None else abs(g - o)
+
+
+# (label, value of an initial state's data): the coordinates an episode is split by, where the task varies them.
+COORDINATES: tuple[tuple[str, Callable[[dict[str, Any]], float | None]], ...] = (
+    ("object x", lambda d: _coordinate(d, "obj_init_pos", 0)),
+    ("goal z", lambda d: _coordinate(d, "goal_pos", 2)),
+    ("goal-object x distance", _sideways),
+)
+
+
 def splits(episodes: list[dict[str, Any]], states: dict[tuple[str, int], dict[str, Any]]) -> list[Split]:
     """One ``Split`` per task and coordinate that varies within the task, in task order then ``COORDINATES``
     order. Episodes without a recorded coordinate are left out; ``[]`` when no state records any."""
@@ -59,12 +73,12 @@ def splits(episodes: list[dict[str, Any]], states: dict[tuple[str, int], dict[st
     names = list(dict.fromkeys(n for e in episodes for n in e.get("milestones") or {}))
     out = []
     for task in tasks:
-        for label, field, axis in COORDINATES:
+        for label, value in COORDINATES:
             rows = []
             for e in episodes:
                 if e["task"] != task:
                     continue
-                x = _coordinate(states.get((task, int(e["seed"])), {}), field, axis)
+                x = value(states.get((task, int(e["seed"])), {}))
                 if x is not None:
                     rows.append((x, e))
             if not rows:
@@ -109,8 +123,9 @@ def pooled(groups: list[list[Split]]) -> list[Split]:
 
 TITLE = "Where in the workspace"
 NOTE = (
-    "episodes split by where the object starts (x) and where the goal is (z), at the middle of the range the "
-    "initial states cover; difference = at or above minus below (percentage points, Newcombe 95% interval)"
+    "episodes split by where the object starts (x), where the goal is (z) and how far sideways the goal lies "
+    "from the object's start (|goal x - object x|), each at the middle of the range the initial states cover; "
+    "difference = at or above minus below (percentage points, Newcombe 95% interval)"
 )
 
 
