@@ -228,6 +228,11 @@ def test_runs_on_the_same_states_get_a_paired_difference_seed_with_seed(tmp_path
     # 8 pairs: both 3 (s0: 1, s1: 2), only dam 2 (s0), only cog 0, neither 3; McNemar p = 2/4
     row = next(line for line in text.splitlines() if line.startswith("| dam | s0, s1 |"))
     assert row.startswith("| dam | s0, s1 | 8 | 3 | 2 | 0 | 3 | +25") and row.endswith("| 0.5 |")
+    # runs named without a seed (e.g. inference settings of one checkpoint) pair run with run
+    solo = ["--run", f"dam={tmp_path / 'dams0'}", "--run", f"cog={tmp_path / 'cogs0'}"]
+    assert main(["compare", *solo, "--baseline", "cog", "--title", "solo", "--append-results", str(page),
+                 "--figures", str(tmp_path)]) == 0  # fmt: skip
+    assert "| dam | one run | 4 | 1 | 2 | 0 | 1 |" in page.read_text().split("## solo")[1]
     # different initial states cannot be paired
     (tmp_path / "cogs1" / "initial_states.jsonl").write_text('{"seed": 2}\n')
     assert main(["compare", *runs, "--baseline", "cog", "--title", "unpaired", "--append-results", str(page),

@@ -418,7 +418,7 @@ def paired_table(runs: list[Run], groups: dict[str, list[Run]] | None, baseline:
                       + " | ".join(tasks) + " | average | McNemar p |", "|" + "---|" * (len(tasks) + 9)]  # fmt: skip
         cells = [format_difference(*paired_difference_interval(*counts.get(t, (0, 0, 0, 0)))) for t in tasks]
         both, only1, only2, neither = overall
-        seeds = ", ".join(_seed(r.name) or r.name for r, _ in pairs)
+        seeds = ", ".join(_seed(r.name) or "one run" for r, _ in pairs)  # unseeded names: a run each, not a seed
         lines.append(f"| {name} | {seeds} | {sum(overall)} | {both} | {only1} | {only2} | {neither} | "
                      + " | ".join(cells) + f" | {format_difference(*paired_difference_interval(*overall))} | "
                      f"{mcnemar_exact_p(only1, only2):.3g} |")  # fmt: skip
