@@ -53,9 +53,15 @@ flags() {  # flags SETTING: the `damvla eval` options of one setting
     esac
 }
 
+require() {  # require SETTING...: every name checked before the first evaluation
+    for s in "$@"; do
+        flags "$s" > /dev/null || { echo "unknown SETTING '$s' (checkpoint, adaptive-ensemble, temporal-ensemble, execute-N, cfg-X, ddim-N)" >&2; exit 2; }
+    done
+}
+
 evaluate() {  # evaluate SETTING OUT EPISODES OFFSET VIDEOS PLOTS: resumes an interrupted one, skips a finished one
     local f
-    f=$(flags "$1") || { echo "unknown SETTING '$1' (checkpoint, adaptive-ensemble, temporal-ensemble, execute-N, cfg-X, ddim-N)" >&2; exit 2; }
+    f=$(flags "$1")
     if [ -f "$2/results.json" ] && ! grep -q '"complete": false' "$2/results.json"; then
         echo "$2 is complete: not evaluated again"; return
     fi
@@ -73,9 +79,7 @@ if [ -z "$FINAL" ]; then
     for s in "${@:-adaptive-ensemble execute-2 cfg-1 execute-8}"; do
         for w in $s; do [ "$w" = checkpoint ] || settings+=("$w"); done
     done
-    for s in "${settings[@]}"; do  # every name checked before the first evaluation
-        flags "$s" > /dev/null || { echo "unknown SETTING '$s' (checkpoint, adaptive-ensemble, temporal-ensemble, execute-N, cfg-X, ddim-N)" >&2; exit 2; }
-    done
+    require "${settings[@]}"
     runs=()
     for s in "${settings[@]}"; do
         evaluate "$s" "$OUT/$s" "$EPISODES" "$OFFSET" 0 0
@@ -88,6 +92,7 @@ if [ -z "$FINAL" ]; then
 else
     [ $# -eq 0 ] || { echo "FINAL evaluates one setting: no SETTING arguments" >&2; exit 2; }
     [ "$FINAL" != checkpoint ] || { echo "FINAL=checkpoint is the baseline itself: name the chosen setting" >&2; exit 2; }
+    require "$FINAL"
     base=${TEST_BASELINE:-$OUT/test-checkpoint}
     [ -n "$TEST_BASELINE" ] || evaluate checkpoint "$base" 50 0 1 3
     [ -f "$base/results.json" ] || { echo "TEST_BASELINE=$base has no results.json" >&2; exit 2; }

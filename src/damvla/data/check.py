@@ -142,8 +142,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _camera_note(main: str, keys: list[str]) -> str:
     """Which camera a policy reads by default, and how it reads the others (every camera is decoded)."""
-    from damvla.keys import camera_name
-
     others = [camera_name(k) for k in keys if k != main]
     if not others:
         return f"   training camera: {main}"

@@ -1,6 +1,6 @@
-"""Where in the workspace episodes fail: success and phase flags split by where an episode's object starts
-and where its goal is (and how far apart the two are), read from the initial states an evaluation ran (Meta-World records ``obj_init_pos``
-and ``goal_pos`` in each one).
+"""Where in the workspace episodes fail: success and phase flags split by where an episode's object starts,
+where its goal is and how far sideways the two lie apart, read from the initial states an evaluation ran
+(Meta-World records ``obj_init_pos`` and ``goal_pos`` in each one).
 
 A success rate averaged over the workspace can hide a policy that never solves one side of it: the grip3
 policies trained on the corner4 camera reach objects that start at -x far less often than at +x, and none of
