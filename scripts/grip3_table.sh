@@ -2,7 +2,8 @@
 # One training seed of one row of the grip3 table (docs/results.md, issue #11), then the table again.
 #
 #   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq | damvla-envstate |
-#                                          #      cogact-envstate | damvla-armq-envstate; SEED: 0, 1, 2
+#                                          #      cogact-envstate | damvla-armq-envstate | damvla-cogdit-envstate;
+#                                          #      SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
 #   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
@@ -99,7 +100,7 @@ if [ "${1:-}" = "--table" ]; then
     table
     exit
 fi
-ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate|damvla-armq-envstate"
+ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate|damvla-armq-envstate|damvla-cogdit-envstate"
 ROW=${1:?usage: $0 $ROWS SEED  (or --table)}
 SEED=${2:?usage: $0 $ROWS SEED}
 STATE=state_dim=4  # proprioception on (the cpu preset's measured choice); damvla-nostate: the paper's inputs
@@ -114,9 +115,13 @@ case $ROW in
     damvla-envstate) ABLATION=(); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     # the single-head baseline with the same auxiliary target: the rows differ in the heads alone
     cogact-envstate) ABLATION=(--ablation cogact); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
-    # the arm head with patch queries of its own besides the class tokens, as CogACT's single head reads its
-    # queries: with the environment-state target, its data and its rows (docs/results.md, push far sideways)
+    # the arm head with patch queries of its own besides the class tokens: with the environment-state target,
+    # its data and its rows (docs/results.md, push far sideways)
     damvla-armq-envstate) ABLATION=(); EXTRA=(env_state_dim=39 vision.arm_queries=4); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
+    # both heads built as CogACT's: timestep and f_cog in one prefix token, DDIM without x0 clipping, so that
+    # against cogact-envstate the rows differ in the heads, the router and the weights alone
+    damvla-cogdit-envstate) ABLATION=(); EXTRA=(env_state_dim=39 dit.condition=cogact diffusion.clip_sample=false)
+        COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac
 RUN=$WORK/runs/${TAG}_${ROW}_s${SEED}

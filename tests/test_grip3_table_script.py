@@ -79,6 +79,10 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     armq_env = run("damvla-armq-envstate", "0")  # the environment-state data, the arm head's own queries
     assert armq_env[0].endswith("state_dim=4 env_state_dim=39 vision.arm_queries=4") and "--ablation" not in armq_env[0]
     assert f"--dataset {work}/data/grip3_52_envstate " in armq_env[0] and "damvla-armq-envstate/s0=" in armq_env[-1]
+    cogdit = run("damvla-cogdit-envstate", "0")  # DAM-VLA's two heads built as CogACT's DiT
+    assert cogdit[0].endswith("env_state_dim=39 dit.condition=cogact diffusion.clip_sample=false")
+    assert f"--dataset {work}/data/grip3_52_envstate " in cogdit[0] and "--ablation" not in cogdit[0]
+    assert "damvla-cogdit-envstate/s0=" in cogdit[-1]
     with pytest.raises(subprocess.CalledProcessError):
         run("octo", "0")
 
