@@ -183,3 +183,42 @@ def test_cached_dataset_pickles_without_its_arrays(dataset: Path, tmp_path: Path
     assert len(blob) < np.load(cache.dir / "patches.npy", mmap_mode="r").nbytes
     again = pickle.loads(blob)[3]
     assert torch.equal(again["features.patches"], first["features.patches"])
+
+
+def test_augmented_views_hold_the_frame_and_its_augmented_copies(dataset: Path, tmp_path: Path) -> None:
+    from damvla.data.dataset import resize_images
+    from damvla.training.augment import augment_images
+    from damvla.training.feature_cache import AugmentedViews
+
+    policy, ds = make(dataset)
+    plain = FeatureCache.for_policy(policy, ds, tmp_path)
+    plain.build(policy.vision, ds, progress=False)
+    views = AugmentedViews(3, 0.15, 0.2)
+    cache = FeatureCache.for_policy(policy, ds, tmp_path, views=views)
+    assert cache.key != plain.key and cache.key != FeatureCache.for_policy(policy, ds, tmp_path, views=AugmentedViews(3, 0.1, 0.2)).key
+    cache.build(policy.vision, ds, batch_size=4, progress=False)  # batches that split episodes
+    patches = np.load(cache.dir / "patches.npy")
+    assert patches.shape[:2] == (len(ds), 3)
+    np.testing.assert_allclose(patches[:, 0], np.load(plain.dir / "patches.npy"), rtol=1e-5, atol=1e-6)  # view 0: the frame
+    # view v of a frame: the tower's output on that frame augmented with its (episode, frame, view) seed
+    ep, f = ds.episode_indices[1], 2
+    row = int(ds._ep_start[1]) + f
+    frame = resize_images(ds._episode_frames(1, CAM)[f : f + 1], ds.image_size)  # as the build sees it
+    for v in (1, 2):
+        x = augment_images(frame, views.seeds(int(ep), range(f, f + 1), v), views.shift, views.color)
+        assert not torch.equal(x, frame)
+        with torch.no_grad():
+            want = policy.vision(x.float() / 255.0).patches[0].numpy()
+        np.testing.assert_allclose(patches[row, v], want, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(patches[:, 1], patches[:, 2])
+
+    cached = CachedFeatureDataset(ds, cache)
+    # the validation read is the frame itself; a training draw reads the view its seed picks, repeatably
+    assert torch.equal(cached[row]["features.patches"], torch.from_numpy(patches[row, 0]))
+    picks = [views.pick(s) for s in range(60)]
+    assert set(picks) == {0, 1, 2} and picks == [views.pick(s) for s in range(60)]
+    for s in range(6):
+        got = cached.get_seeded(row, s)["features.patches"]
+        assert torch.equal(got, torch.from_numpy(patches[row, views.pick(s)]))
+    with pytest.raises(ValueError, match="views >= 2"):
+        AugmentedViews(1, 0.1, 0.0)

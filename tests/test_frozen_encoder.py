@@ -123,6 +123,33 @@ def test_train_on_cached_features_validates_and_resumes_exactly(tmp_path: Path) 
         assert torch.equal(a[k], b[k]), k
 
 
+def test_augmentation_with_cached_features_reads_augmented_views_and_resumes_exactly(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    ds = write_dataset(tmp_path / "ds", lengths=(8, 7, 9, 6))
+    aug = ("--aug-shift", "0.1", "--aug-color", "0.2")
+    assert train(ds, tmp_path / "refused", *aug) == 1  # a cache holds no images to augment
+    assert "pass --aug-views K" in capsys.readouterr().err
+    assert train(ds, tmp_path / "noaug", "--aug-views", "3") == 1  # views of what augmentation?
+    assert "needs --aug-shift or --aug-color" in capsys.readouterr().err
+
+    common = (*aug, "--aug-views", "3", "--schedule", "constant", "--val-episodes", "1", "--val-every", "2")
+    assert train(ds, tmp_path / "a", *common, steps=4) == 0
+    built = sorted(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    views = [json.loads((p / "meta.json").read_text())["views"] for p in built]
+    assert {"views": 3, "shift": 0.1, "color": 0.2} in views
+    assert train(ds, tmp_path / "b", *common, steps=2) == 0
+    assert main(["train", "--resume", str(tmp_path / "b"), "--steps", "4"]) == 0
+    a = load_file(str(find_checkpoint(tmp_path / "a") / "model.safetensors"))
+    b = load_file(str(find_checkpoint(tmp_path / "b") / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the augmented views change what training sees: the same run without them ends elsewhere
+    assert train(ds, tmp_path / "plain", "--schedule", "constant", "--val-episodes", "1", "--val-every", "2", steps=4) == 0
+    plain = load_file(str(find_checkpoint(tmp_path / "plain") / "model.safetensors"))
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
+
+
 def test_cogact_baseline_trains_on_a_dataset_without_a_gripper(tmp_path: Path, capsys) -> None:
     import numpy as np
 

@@ -55,7 +55,7 @@ from damvla.training.distributed import (
     unwrap,
     wrap_model,
 )
-from damvla.training.feature_cache import CachedFeatureDataset, FeatureCache
+from damvla.training.feature_cache import AugmentedViews, CachedFeatureDataset, FeatureCache
 from damvla.training.logger import BAR_KEYS, MetricLogger, Smoother, plot_losses
 from damvla.training.model import (
     add_lora,
@@ -216,14 +216,24 @@ class Trainer:
             load_into(policy, live, f"{resume_from}")
         # After the weights are final: the cache is keyed by the frozen tower's weights.
         self.feature_caches: list[FeatureCache] = []  # one per camera, when training reads cached features
-        if cfg.vision.frozen and tc.feature_cache != "off":
-            if tc.aug_shift or tc.aug_color:
+        augmenting = bool(tc.aug_shift or tc.aug_color)
+        cached = cfg.vision.frozen and tc.feature_cache != "off"
+        if tc.aug_views and not (cached and augmenting):
+            raise ValueError(f"--aug-views {tc.aug_views} caches augmented views of a frozen tower's features: it needs "
+                             "--aug-shift or --aug-color, vision.frozen and the feature cache on")  # fmt: skip
+        if cached:
+            if augmenting and not tc.aug_views:
                 raise ValueError("image augmentation (--aug-shift/--aug-color) needs images, but the frozen vision "
-                                 "tower's features come from the cache: pass --feature-cache off to augment")  # fmt: skip
-            caches = FeatureCache.for_cameras(policy, full, None if tc.feature_cache == "auto" else tc.feature_cache)
+                                 "tower's features come from the cache: pass --aug-views K to cache K views per "
+                                 "frame (the frame and K-1 augmented copies), or --feature-cache off to augment "
+                                 "every draw online")  # fmt: skip
+            views = AugmentedViews(tc.aug_views, tc.aug_shift, tc.aug_color) if tc.aug_views else None
+            caches = FeatureCache.for_cameras(policy, full, None if tc.feature_cache == "auto" else tc.feature_cache,
+                                              views)  # fmt: skip
             for key, cache in zip(full.camera_keys, caches):
                 if not cache.complete and ctx.is_main:
-                    print(f"computing the frozen encoder's features of {key} once per frame into {cache.dir}", flush=True)
+                    per = "once per frame" if views is None else f"for {views.views} views per frame (the frame and augmented copies)"
+                    print(f"computing the frozen encoder's features of {key} {per} into {cache.dir}", flush=True)
                 cache.build(policy.vision.to(ctx.device), full, progress=ctx.is_main, camera_key=key)
             self.feature_caches = caches
             self.dataset = CachedFeatureDataset(self.dataset, caches)
@@ -353,7 +363,7 @@ class Trainer:
         self.model.train()
         for k, mb in enumerate(micro):
             seeds = mb.pop(SEED_KEY)
-            if tc.aug_shift or tc.aug_color:
+            if (tc.aug_shift or tc.aug_color) and not self.feature_caches:  # (cached: the sample's view)
                 for key in self.policy.image_keys:
                     mb[key] = augment_images(mb[key], seeds, tc.aug_shift, tc.aug_color)
             draws = draw_training(seeds, r, cfg.horizon, cfg.action_dim, cfg.diffusion.train_steps, cfg.diffusion.cond_dropout)

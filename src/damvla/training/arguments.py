@@ -22,7 +22,7 @@ FLAGS = {
     "keep_last": "keep_last", "num_workers": "num_workers", "seed": "seed", "wandb": "wandb",
     "parallel": "parallel", "precision": "precision", "log_every": "log_every", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "dataset": "dataset", "out": "out", "preset": "preset", "ablation": "ablation",
-    "aug_shift": "aug_shift", "aug_color": "aug_color", "threads": "threads", "feature_cache": "feature_cache",
+    "aug_shift": "aug_shift", "aug_color": "aug_color", "aug_views": "aug_views", "threads": "threads", "feature_cache": "feature_cache",
     "val_episodes": "val_episodes", "val_every": "val_every", "init": "init",
 }  # fmt: skip
 
@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"random image shift, fraction of the side; 0 = off (default {d.aug_shift})")
     p.add_argument("--aug-color", type=float, default=None, metavar="STRENGTH",
                    help=f"colour jitter (brightness, contrast, saturation); 0 = off (default {d.aug_color})")
+    p.add_argument("--aug-views", type=int, default=None, metavar="K",
+                   help="with cached frozen features: cache K views per frame, the frame and K-1 copies augmented by "
+                        "--aug-shift/--aug-color, each sample reading one (default: no augmentation with a cache)")
     p.add_argument("--wandb", action="store_true", default=None, help="also log to Weights & Biases (if installed)")
     p.add_argument("overrides", nargs="*", help="dotted policy-config overrides, e.g. dit.depth=4 action_dim=4")
 

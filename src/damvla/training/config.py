@@ -68,6 +68,9 @@ class TrainConfig:
     # side, and colour-jitter strength. Off by default, as in CogACT's recipe; an option for small datasets.
     aug_shift: float = 0.0
     aug_color: float = 0.0
+    # With a frozen tower's feature cache: features of this many views per frame are cached (the frame and
+    # aug_views - 1 augmented copies; damvla.training.feature_cache), each sample reading one. 0: none.
+    aug_views: int = 0
 
     def validate(self) -> TrainConfig:
         errs = []
@@ -94,6 +97,8 @@ class TrainConfig:
             errs.append(f"precision={self.precision!r}: expected auto|bf16|fp32")
         if not 0.0 <= self.aug_shift <= 0.25 or not 0.0 <= self.aug_color < 1.0:
             errs.append(f"aug_shift={self.aug_shift} must be in [0, 0.25] and aug_color={self.aug_color} in [0, 1)")
+        if self.aug_views < 0 or self.aug_views == 1:
+            errs.append(f"aug_views={self.aug_views}: 0 (none) or >= 2 (the frame and its augmented copies)")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             errs.append(f"ema={self.ema}: the decay must be in (0, 1)")
         if errs:
@@ -113,6 +118,7 @@ class TrainConfig:
         # Runs saved before augmentation existed trained without it; resuming them must not switch it on.
         d.setdefault("aug_shift", 0.0)
         d.setdefault("aug_color", 0.0)
+        d.setdefault("aug_views", 0)
         # Runs saved before these fields existed: online vision, no validation.
         d.setdefault("feature_cache", "off")
         d.setdefault("val_episodes", 0)

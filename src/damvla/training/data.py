@@ -186,7 +186,9 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         i, seed = key
-        x = self.dataset[i]
+        # a dataset whose samples depend on the draw (cached augmented views) takes the seed itself
+        get_seeded = getattr(self.dataset, "get_seeded", None)
+        x = self.dataset[i] if get_seeded is None else get_seeded(i, seed)
         x[SEED_KEY] = torch.tensor(seed, dtype=torch.int64)
         return x
 

@@ -13,7 +13,12 @@ The cache is a folder ``<root>/<key>/`` whose key is a hash of
   come from (``meta/info.json``, ``meta/episodes/``, the camera's videos or the image parquet files).
 A policy that reads several cameras (``vision.extra_cameras``) has one cache per camera, camera k's features
 reaching the policy under ``feature_keys(k)``.
-Any change gives another key, so a stale cache is never read. The folder is complete only once its
+With image augmentation (``--aug-shift`` / ``--aug-color``, which a cache would otherwise rule out), the cache
+holds ``views`` features per frame (:class:`AugmentedViews`): view 0 is the frame itself, views 1.. are
+augmented copies drawn from seeds of (episode, frame, view), and each training sample reads the view its own
+draw seed picks (:meth:`CachedFeatureDataset.get_seeded`; validation reads view 0). A few fixed copies per frame
+are less augmentation than a fresh draw every epoch, but they cost one encoder pass each, once.
+Any change gives another key (the views and their strengths included), so a stale cache is never read. The folder is complete only once its
 ``meta.json`` exists (written last, atomically); until then the build resumes from the parts it has, each
 written atomically. A lock file serialises builders of the same cache (two runs started together).
 """
@@ -26,6 +31,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +44,35 @@ from tqdm import tqdm
 from damvla.data.dataset import PolicyDataset, file_sha256
 from damvla.model.vision import FEATURE_KEYS, feature_keys
 from damvla.model.weights import state_fingerprint
+from damvla.training.augment import augment_images
 
 CACHE_FORMAT = 1
 EPISODES_PER_PART = 16  # parts of the resumable build (each written atomically)
+_VIEW_STREAM = 0x7E1E_5C0  # separates a sample's choice of view from its other draws of the same seed
+
+
+@dataclass(frozen=True)
+class AugmentedViews:
+    """``views`` features per frame: the frame itself, then ``views - 1`` copies through
+    ``augment_images(frame, seed, shift, color)``."""
+
+    views: int
+    shift: float
+    color: float
+
+    def __post_init__(self) -> None:
+        if self.views < 2 or (self.shift <= 0 and self.color <= 0):
+            raise ValueError(f"augmented views need views >= 2 and a shift or colour strength, got {self}")
+
+    def seeds(self, episode: int, frames: range, view: int) -> torch.Tensor:
+        """The augmentation seeds of ``frames`` of ``episode`` in ``view``: the same whichever batch or part
+        computes them."""
+        return torch.tensor([((episode << 24) + f) * 1024 + view for f in frames], dtype=torch.int64)
+
+    def pick(self, seed: int) -> int:
+        """The view a training sample with draw seed ``seed`` reads (uniform over all views)."""
+        g = torch.Generator().manual_seed((int(seed) ^ _VIEW_STREAM) & (2**63 - 1))
+        return int(torch.randint(0, self.views, (1,), generator=g))
 
 
 def default_cache_root() -> Path:
@@ -87,12 +119,26 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+def _atomic_concat_npy(path: Path, parts: list[Path], key: str) -> None:
+    """``np.concatenate`` of array ``key`` of every part, written through a memory map (an augmented cache
+    can exceed the free memory) and made visible atomically."""
+    shapes = []
+    for f in parts:
+        with np.load(f) as z:
+            shapes.append((z[key].shape, z[key].dtype))
+    rows = sum(s[0] for s, _ in shapes)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=shapes[0][1], shape=(rows, *shapes[0][0][1:]))
+    at = 0
+    for f in parts:
+        with np.load(f) as z:
+            a = z[key]
+            out[at : at + len(a)] = a
+            at += len(a)
+    out.flush()
+    del out
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -105,24 +151,28 @@ def _atomic_write_text(path: Path, text: str) -> None:
 class FeatureCache:
     """The cached features of one (frozen encoder, dataset) pair; see the module docstring."""
 
-    def __init__(self, root: str | Path, encoder_fp: str, dataset_fp: str) -> None:
-        self.key = hashlib.sha256(f"{encoder_fp}:{dataset_fp}".encode()).hexdigest()[:24]
-        self.encoder_fp, self.dataset_fp = encoder_fp, dataset_fp
+    def __init__(self, root: str | Path, encoder_fp: str, dataset_fp: str, views: AugmentedViews | None = None) -> None:
+        ident = f"{encoder_fp}:{dataset_fp}"
+        if views is not None:  # (a cache without views keeps the key it always had)
+            ident += ":views" + json.dumps(asdict(views), sort_keys=True)
+        self.key = hashlib.sha256(ident.encode()).hexdigest()[:24]
+        self.encoder_fp, self.dataset_fp, self.views = encoder_fp, dataset_fp, views
         self.dir = Path(root) / self.key
         self._arrays: dict[str, np.ndarray] | None = None
 
     @classmethod
     def for_policy(cls, policy: nn.Module, dataset: PolicyDataset, root: str | Path | None = None,
-                   camera_key: str | None = None) -> FeatureCache:  # fmt: skip
+                   camera_key: str | None = None, views: AugmentedViews | None = None) -> FeatureCache:  # fmt: skip
         """The cache of camera ``camera_key`` (default the dataset's first) of ``dataset`` under ``policy``'s tower."""
         vision_cfg = policy.config.to_dict()["vision"]  # type: ignore[attr-defined]
         return cls(root or default_cache_root(), encoder_fingerprint(policy.vision, vision_cfg),
-                   dataset_fingerprint(dataset, camera_key))  # fmt: skip
+                   dataset_fingerprint(dataset, camera_key), views)  # fmt: skip
 
     @classmethod
-    def for_cameras(cls, policy: nn.Module, dataset: PolicyDataset, root: str | Path | None = None) -> list[FeatureCache]:
+    def for_cameras(cls, policy: nn.Module, dataset: PolicyDataset, root: str | Path | None = None,
+                    views: AugmentedViews | None = None) -> list[FeatureCache]:  # fmt: skip
         """One cache per camera of ``dataset`` (``dataset.camera_keys``, the policy's cameras in order)."""
-        return [cls.for_policy(policy, dataset, root, key) for key in dataset.camera_keys]
+        return [cls.for_policy(policy, dataset, root, key, views) for key in dataset.camera_keys]
 
     @property
     def complete(self) -> bool:
@@ -158,24 +208,29 @@ class FeatureCache:
 
                         frames = resize_images(frames, dataset.image_size)
                     for i in range(0, len(frames), batch_size):
-                        f = vision(frames[i : i + batch_size].to(dev).float() / 255.0)
-                        for k in FEATURE_KEYS:
-                            out[k].append(getattr(f, k).float().cpu().numpy())
-                        bar.update(min(batch_size, len(frames) - i))
+                        batch = frames[i : i + batch_size]
+                        per_view = []
+                        for v in range(1 if self.views is None else self.views.views):
+                            x = batch
+                            if v:  # (view 0: the frame itself)
+                                seeds = self.views.seeds(int(dataset.episode_indices[p]), range(i, i + len(batch)), v)
+                                x = augment_images(batch, seeds, self.views.shift, self.views.color)
+                            f = vision(x.to(dev).float() / 255.0)
+                            per_view.append({k: getattr(f, k).float().cpu().numpy() for k in FEATURE_KEYS})
+                        for k in FEATURE_KEYS:  # (n, ...) without views, (n, views, ...) with them
+                            out[k].append(per_view[0][k] if self.views is None else np.stack([pv[k] for pv in per_view], 1))
+                        bar.update(len(batch))
                 tmp = parts / f"part-{g.start:06d}.tmp.npz"
                 np.savez(tmp, **{k: np.concatenate(v) for k, v in out.items()})
                 os.replace(tmp, parts / f"part-{g.start:06d}.npz")
             bar.close()
+            files = [parts / f"part-{g.start:06d}.npz" for g in groups]
             for k in FEATURE_KEYS:  # one array per key, rows in sample order
-                chunks = []
-                for g in groups:
-                    with np.load(parts / f"part-{g.start:06d}.npz") as z:
-                        chunks.append(z[k])
-                _atomic_save_npy(self.dir / f"{k}.npy", np.concatenate(chunks))
+                _atomic_concat_npy(self.dir / f"{k}.npy", files, k)
             meta = {
                 "format": CACHE_FORMAT, "frames": len(dataset), "encoder_fingerprint": self.encoder_fp,
                 "dataset_fingerprint": self.dataset_fp, "dataset": str(dataset.root), "camera": camera_key,
-                "image_size": dataset.image_size,
+                "image_size": dataset.image_size, "views": None if self.views is None else asdict(self.views),
                 "episodes": {str(e): [int(s), int(t)] for e, s, t in
                              zip(dataset.episode_indices, dataset._ep_start, dataset._ep_len)},
             }  # fmt: skip
@@ -214,6 +269,8 @@ class CachedFeatureDataset(Dataset):
         caches = [cache] if isinstance(cache, FeatureCache) else list(cache)
         if len(caches) != len(dataset.camera_keys):
             raise ValueError(f"{len(caches)} feature caches for a dataset of {len(dataset.camera_keys)} cameras")
+        if len({c.views for c in caches}) > 1:
+            raise ValueError(f"the cameras' feature caches hold different augmented views: {[c.views for c in caches]}")
         self.dataset, self.caches = dataset, caches
         self._row_start = []
         for c in caches:
@@ -233,7 +290,21 @@ class CachedFeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def views(self) -> AugmentedViews | None:
+        return self.caches[0].views
+
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Sample ``i`` with the features of its frame itself (view 0 of an augmented cache)."""
+        return self._sample(i, 0)
+
+    def get_seeded(self, i: int, seed: int) -> dict[str, Any]:
+        """Sample ``i`` as a training draw with seed ``seed`` sees it: in an augmented cache, the view the seed
+        picks (the same in every camera)."""
+        views = self.views
+        return self._sample(i, 0 if views is None else views.pick(seed))
+
+    def _sample(self, i: int, view: int) -> dict[str, Any]:
         x = self.dataset.get(i, image=False)
         i = int(i) % len(self.dataset)
         p, f = self.dataset._sample_ep[i], self.dataset._sample_frame[i]
@@ -241,11 +312,12 @@ class CachedFeatureDataset(Dataset):
             row = int(starts[p] + f)
             arrays = c.arrays()
             for field, key in feature_keys(k).items():
-                x[key] = torch.from_numpy(np.array(arrays[field][row]))
+                a = arrays[field][row] if c.views is None else arrays[field][row, view]
+                x[key] = torch.from_numpy(np.array(a))
         return x
 
     # What the trainer's sampler and logs read from a dataset.
     def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "caches", "_row_start"):
+        if name in ("dataset", "caches", "_row_start", "views"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
