@@ -2,8 +2,8 @@
 # One training seed of one row of the grip3 table (docs/results.md, issue #11), then the table again.
 #
 #   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq | damvla-envstate |
-#                                          #      cogact-envstate | damvla-armq-envstate | damvla-cogdit-envstate;
-#                                          #      SEED: 0, 1, 2
+#                                          #      cogact-envstate | damvla-armq-envstate | damvla-cogdit-envstate |
+#                                          #      damvla-aug-envstate; SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
 #   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
@@ -100,11 +100,12 @@ if [ "${1:-}" = "--table" ]; then
     table
     exit
 fi
-ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate|damvla-armq-envstate|damvla-cogdit-envstate"
+ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate|damvla-armq-envstate|damvla-cogdit-envstate|damvla-aug-envstate"
 ROW=${1:?usage: $0 $ROWS SEED  (or --table)}
 SEED=${2:?usage: $0 $ROWS SEED}
 STATE=state_dim=4  # proprioception on (the cpu preset's measured choice); damvla-nostate: the paper's inputs
-EXTRA=()
+EXTRA=()  # policy overrides of the row
+TRAIN=()  # training flags of the row
 case $ROW in
     damvla) ABLATION=() ;;
     cogact) ABLATION=(--ablation cogact) ;;
@@ -121,6 +122,9 @@ case $ROW in
     # both heads built as CogACT's: timestep and f_cog in one prefix token, DDIM without x0 clipping, so that
     # against cogact-envstate the rows differ in the heads, the router and the weights alone
     damvla-cogdit-envstate) ABLATION=(); EXTRA=(env_state_dim=39 dit.condition=cogact diffusion.clip_sample=false)
+        COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
+    # random image shifts (up to 6% of the side) through 3 cached views per frame: the frame and 2 shifted copies
+    damvla-aug-envstate) ABLATION=(); EXTRA=(env_state_dim=39); TRAIN=(--aug-shift 0.06 --aug-views 3)
         COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac
@@ -142,7 +146,7 @@ else
     fi
     "$DAMVLA" train "${START[@]}" --dataset "$DATA" --out "$RUN" --steps $STEPS --batch-size 32 "${LR[@]}" \
         --schedule cosine --seed "$SEED" --ema 0.999 --val-episodes 6 \
-        --val-every 1000 --save-every 1000 --threads "$THREADS" "$STATE" "${EXTRA[@]}" "${VISION[@]}"
+        --val-every 1000 --save-every 1000 --threads "$THREADS" ${TRAIN[@]+"${TRAIN[@]}"} "$STATE" "${EXTRA[@]}" "${VISION[@]}"
 fi
 if [ -f "$EVAL/results.json" ] && ! grep -q '"complete": false' "$EVAL/results.json"; then
     echo "$EVAL is complete: not evaluated again"

@@ -83,6 +83,9 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     assert cogdit[0].endswith("env_state_dim=39 dit.condition=cogact diffusion.clip_sample=false")
     assert f"--dataset {work}/data/grip3_52_envstate " in cogdit[0] and "--ablation" not in cogdit[0]
     assert "damvla-cogdit-envstate/s0=" in cogdit[-1]
+    aug = run("damvla-aug-envstate", "0")  # training flags of its own, before the policy overrides
+    assert "--threads 1 --aug-shift 0.06 --aug-views 3 state_dim=4 env_state_dim=39" in aug[0]
+    assert "--aug" not in first[1] and "damvla-aug-envstate/s0=" in aug[-1]
     with pytest.raises(subprocess.CalledProcessError):
         run("octo", "0")
 
