@@ -131,7 +131,11 @@ def test_reproduction_commands_name_init_and_the_data_recipe_options(tmp_path):
     (ckpt / "train_config.json").write_text(json.dumps(cfg))
     cmd = _train_command(tmp_path / "t")
     assert cmd.startswith("damvla train --init /runs/first/checkpoints/step-0009000 --dataset /data/grip3")
-    assert "--preset" not in cmd and "--ablation" not in cmd
+    assert "--preset" not in cmd and "--ablation" not in cmd and "--aug" not in cmd
+    cfg["train"].update(aug_shift=0.06, aug_views=3, weight_decay=0.0)  # a default stays unnamed
+    (ckpt / "train_config.json").write_text(json.dumps(cfg))
+    cmd = _train_command(tmp_path / "t")
+    assert "--aug-shift 0.06 --aug-views 3" in cmd and "--weight-decay" not in cmd
     recipe = {"simulator": "metaworld_v3", "suite": "grip3", "episodes_per_task": 10, "camera": "corner4",
               "resolution": 128, "release": False, "max_steps": 300, "seed_offset": 0, "max_tries": 30,
               "policy": "/runs/first/checkpoints/step-0009000", "beta": 0.0, "from": "/data/grip3"}  # fmt: skip

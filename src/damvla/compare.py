@@ -34,6 +34,7 @@ from damvla.evaluation.stats import (
     paired_difference_interval,
     wilson_interval,
 )
+from damvla.training.config import TrainConfig
 from damvla.training.logger import read_metrics
 
 
@@ -172,6 +173,13 @@ def _train_command(train_dir: Path, steps: int | None = None) -> str | None:
         args += ["--ablation", cfg["ablation"]]
     for key, flag in (("ema", "--ema"), ("val_episodes", "--val-episodes"), ("threads", "--threads")):
         if cfg.get(key):
+            args += [flag, str(cfg[key])]
+    # Options that change the result, where the run set them away from their defaults.
+    defaults = TrainConfig()
+    for key, flag in (("grad_accum", "--grad-accum"), ("weight_decay", "--weight-decay"), ("grad_clip", "--grad-clip"),
+                      ("freeze", "--freeze"), ("lora", "--lora"), ("aug_shift", "--aug-shift"),
+                      ("aug_color", "--aug-color"), ("aug_views", "--aug-views")):  # fmt: skip
+        if key in cfg and cfg[key] != getattr(defaults, key):
             args += [flag, str(cfg[key])]
     return shlex.join(args + list(cfg.get("overrides", [])))
 
