@@ -119,22 +119,19 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _atomic_concat_npy(path: Path, parts: list[Path], key: str) -> None:
-    """``np.concatenate`` of array ``key`` of every part, written through a memory map (an augmented cache
-    can exceed the free memory) and made visible atomically."""
-    shapes = []
-    for f in parts:
-        with np.load(f) as z:
-            shapes.append((z[key].shape, z[key].dtype))
-    rows = sum(s[0] for s, _ in shapes)
+def _atomic_concat_npy(path: Path, parts: list[Path], key: str, rows: int) -> None:
+    """``np.concatenate`` of array ``key`` of every part (``rows`` rows in all), written through a memory map
+    (an augmented cache can exceed the free memory) and made visible atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=shapes[0][1], shape=(rows, *shapes[0][0][1:]))
-    at = 0
+    out, at = None, 0
     for f in parts:
         with np.load(f) as z:
             a = z[key]
-            out[at : at + len(a)] = a
-            at += len(a)
+        if out is None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=a.dtype, shape=(rows, *a.shape[1:]))
+        out[at : at + len(a)] = a
+        at += len(a)
+    assert out is not None and at == rows, f"{path}: the parts hold {at} rows, expected {rows}"
     out.flush()
     del out
     with open(tmp, "rb+") as fh:
@@ -226,7 +223,7 @@ class FeatureCache:
             bar.close()
             files = [parts / f"part-{g.start:06d}.npz" for g in groups]
             for k in FEATURE_KEYS:  # one array per key, rows in sample order
-                _atomic_concat_npy(self.dir / f"{k}.npy", files, k)
+                _atomic_concat_npy(self.dir / f"{k}.npy", files, k, len(dataset))
             meta = {
                 "format": CACHE_FORMAT, "frames": len(dataset), "encoder_fingerprint": self.encoder_fp,
                 "dataset_fingerprint": self.dataset_fp, "dataset": str(dataset.root), "camera": camera_key,
