@@ -215,7 +215,7 @@ def test_arm_queries_give_the_arm_head_patch_tokens_of_its_own_only_where_dam_an
         assert DAMVLAPolicy(other, ActionNormalizer.identity(cfg.action_dim), load_pretrained=False).arm_queries is None
 
 
-def test_init_from_a_checkpoint_that_references_its_frozen_encoder(tmp_path: Path) -> None:
+def test_init_from_a_checkpoint_that_references_its_frozen_encoder(tmp_path: Path, capsys) -> None:
     """`train --init` of a checkpoint whose encoder is referenced, not copied: the encoder comes from its
     pretrained_path (fingerprint checked), every other weight from the checkpoint."""
     from safetensors.torch import load_file
@@ -230,6 +230,8 @@ def test_init_from_a_checkpoint_that_references_its_frozen_encoder(tmp_path: Pat
     args = ["train", "--init", str(tmp_path / "first"), "--dataset", str(ds), "--steps", "1", "--batch-size", "4",
             "--warmup", "1", "--lr", "1e-12", "--threads", "1", "--feature-cache", str(tmp_path / "cache")]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "second")]) == 0
+    # the run line names the checkpoint the architecture came from, not the unused default preset
+    assert f"run: weights and architecture from {src.resolve()} (switches vt=on" in capsys.readouterr().out
     a, b = load_file(str(src / "model.safetensors")), load_file(str(find_checkpoint(tmp_path / "second") / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:  # a step at lr 1e-12 leaves the loaded weights where they were

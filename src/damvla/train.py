@@ -577,7 +577,14 @@ class Trainer:
     def describe(self) -> None:
         tc, ctx = self.tc, self.ctx
         ov = " ".join(tc.overrides) or "none"
-        self.print(f"run: preset {tc.preset}, ablation {tc.ablation or 'damvla'}, overrides {ov}; {tc.steps} steps, "
+        # --init takes the architecture from the checkpoint: the preset and ablation names (left at their defaults)
+        # say nothing there, the checkpoint's switches do
+        if tc.init:
+            switches = " ".join(f"{k}={'on' if v else 'off'}" for k, v in vars(self.cfg.ablation).items())
+            source = f"weights and architecture from {tc.init} (switches {switches})"
+        else:
+            source = f"preset {tc.preset}, ablation {tc.ablation or 'damvla'}"
+        self.print(f"run: {source}, overrides {ov}; {tc.steps} steps, "
                    f"batch {tc.batch_size}, lr {tc.lr:g} ({tc.schedule}, warm-up {tc.warmup}), EMA {tc.ema or 'off'}, "
                    f"seed {tc.seed}. The whole resolved config is saved as train_config.json in every checkpoint.")  # fmt: skip
         if tc.warmup >= tc.steps:
