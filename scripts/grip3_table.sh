@@ -69,7 +69,8 @@ FINETUNE=${FINETUNE:-}  # a damvla checkpoint folder: train from its weights and
 if [ -n "$FINETUNE" ]; then  # its own run folders, records and table; the lr restarts lower, as for any fine-tune
     [ -f "$FINETUNE/model.safetensors" ] || { echo "FINETUNE=$FINETUNE is not a damvla checkpoint folder" >&2; exit 2; }
     TAG=${TAG}ft; RECORDS=$RECORDS-ft
-    TITLE="$TITLE, fine-tuned from $(basename "$FINETUNE") at lr 1e-4"
+    # one table for every fine-tune of the variant: each row's source checkpoint is its --init in the reproduction
+    TITLE="$TITLE, each row fine-tuned at lr 1e-4 from the trained checkpoint its command names (--init)"
 fi
 if [ "$STEPS" != 9000 ]; then  # a longer (or shorter) recipe: its own run folders, records and table
     [[ "$STEPS" =~ ^[1-9][0-9]*$ ]] || { echo "STEPS must be a positive integer, got '$STEPS'" >&2; exit 2; }
