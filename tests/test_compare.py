@@ -112,6 +112,38 @@ def test_kept_records_stand_in_for_the_run_folders_and_give_the_same_section(tmp
     assert again == direct
 
 
+def test_a_training_run_is_kept_once_and_rows_sharing_it_refer_to_that_copy(tmp_path):
+    # An inference sweep: two evaluations of one training run; then a table in another records folder that
+    # reads one of them back. Each training folder is copied once; the other rows refer to it.
+    _fake_eval(tmp_path / "e0", "e0", {"push-v3": 3}, reached={"push-v3": 4})
+    _fake_eval(tmp_path / "e1", "e1", {"push-v3": 1}, reached={"push-v3": 2})
+    _fake_train(tmp_path / "t0", 0)
+    sweep, other = tmp_path / "records" / "sweep", tmp_path / "records" / "other"
+
+    def compare(runs, page, records):
+        args = ["compare", *[x for r in runs for x in ("--run", r)], "--baseline", "chunk", "--title", "t",
+                "--append-results", str(page), "--figures", str(tmp_path / "fig"), "--keep-records", str(records)]  # fmt: skip
+        assert main(args) == 0
+        return page.read_text()
+
+    direct = compare([f"chunk={tmp_path / 'e0'}:{tmp_path / 't0'}", f"ensemble={tmp_path / 'e1'}:{tmp_path / 't0'}"],
+                     tmp_path / "a.md", sweep)  # fmt: skip
+    assert (sweep / "chunk" / "train" / "metrics.jsonl").is_file()
+    assert not (sweep / "ensemble" / "train").exists()
+    assert json.loads((sweep / "ensemble" / "record.json").read_text())["train_record"] == "../chunk/train"
+    compare([f"ensemble={sweep / 'ensemble'}", f"chunk={sweep / 'chunk'}"], tmp_path / "b.md", other)
+    for row in ("chunk", "ensemble"):  # neither evaluation nor training copied again
+        info = json.loads((other / row / "record.json").read_text())
+        assert sorted(p.name for p in (other / row).iterdir()) == ["record.json"]
+        assert info["eval_record"] == f"../../sweep/{row}/eval" and info["train_record"] == "../../sweep/chunk/train"
+    for d in ("e0", "e1", "t0"):
+        shutil.rmtree(tmp_path / d)
+    assert compare([f"chunk={sweep / 'chunk'}", f"ensemble={sweep / 'ensemble'}"], tmp_path / "c.md", sweep) == direct
+    assert compare([f"chunk={other / 'chunk'}", f"ensemble={other / 'ensemble'}"], tmp_path / "d.md", other) == direct
+    shutil.rmtree(sweep / "chunk")  # a reference to a deleted record fails with what to do
+    assert main(["compare", "--run", f"ensemble={other / 'ensemble'}", "--title", "t", "--figures", str(tmp_path)]) == 1
+
+
 def test_a_difference_bound_that_rounds_to_zero_keeps_its_sign_and_one_decimal():
     assert format_difference(0.04, -0.003, 0.09) == "+4 [-0.3, +9]"
     assert format_difference(0.0, -0.05, 0.05) == "+0 [-5, +5]"  # an exact zero stays a whole number

@@ -9,7 +9,9 @@ Run folders and evaluation folders are large and live outside the repository, bu
 built over several sessions. ``--keep-records DIR`` copies what this command reads of each run (the
 evaluation's results, episodes and initial states; the training metrics and the evaluated checkpoint's
 configs, no weights) into ``DIR/<row>_<seed>/``, a few hundred kB to commit; ``--run NAME=DIR/<row>_<seed>``
-reads such a record back in place of the two folders.
+reads such a record back in place of the two folders. A training folder is kept once: rows evaluating the
+same run (an inference sweep), or a run already kept in another record, refer to that copy by a relative
+path in their ``record.json`` (``train_record``, ``eval_record``) instead of holding one of their own.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import gzip
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -46,6 +49,7 @@ class Run:
     results: dict[str, Any]
     metrics: list[dict[str, Any]]
     episodes: list[dict[str, Any]]
+    record_dir: Path | None = None  # the kept record this run was read from, if any
 
 
 RECORD_FILE = "record.json"
@@ -59,8 +63,11 @@ def parse_run(spec: str) -> Run:
     name, rest = spec.split("=", 1)
     eval_s, _, train_s = rest.partition(":")
     eval_dir = Path(eval_s)
+    record_dir = None
     if not train_s and (eval_dir / RECORD_FILE).is_file():
-        eval_dir, train_s = eval_dir / "eval", str(eval_dir / "train") if (eval_dir / "train").is_dir() else ""
+        record_dir = eval_dir
+        eval_dir, train_dir_s = _record_parts(name, record_dir)
+        train_s = "" if train_dir_s is None else str(train_dir_s)
     res = eval_dir / "results.json"
     if not res.is_file():
         raise FileNotFoundError(f"--run {name}: {res} does not exist (run `damvla eval` first)")
@@ -89,7 +96,34 @@ def parse_run(spec: str) -> Run:
         folder = _evaluated_step_folder(results)
         if folder is not None:
             metrics = [row for row in metrics if row["step"] <= int(folder.removeprefix("step-"))]
-    return Run(name, eval_dir, train_dir, results, metrics, episodes)
+    return Run(name, eval_dir, train_dir, results, metrics, episodes, record_dir)
+
+
+def _record_parts(name: str, record_dir: Path) -> tuple[Path, Path | None]:
+    """The evaluation and training folders of a kept record: its own ``eval/`` and ``train/``, or the
+    other record's folders its ``record.json`` refers to."""
+    info = json.loads((record_dir / RECORD_FILE).read_text())
+    parts: list[Path | None] = []
+    for key, own in (("eval_record", "eval"), ("train_record", "train")):
+        if info.get(key):
+            target = record_dir / info[key]
+            if not target.is_dir():
+                raise FileNotFoundError(
+                    f"--run {name}: {record_dir / RECORD_FILE} refers to {info[key]!r} ({target}), which does not "
+                    "exist: that record was moved or deleted; restore it, or keep this row's record again from its run folders"
+                )
+            parts.append(target)
+        else:
+            parts.append(record_dir / own if (record_dir / own).is_dir() else None)
+    eval_dir, train_dir = parts
+    if eval_dir is None:
+        raise FileNotFoundError(f"--run {name}: {record_dir} is a record without an evaluation (no eval/ folder)")
+    return eval_dir, train_dir
+
+
+def _kept_folder(path: Path) -> Path | None:
+    """``path`` itself if it is the ``eval/`` or ``train/`` folder of a kept record (else None)."""
+    return path if (path.parent / RECORD_FILE).is_file() and path.name in ("eval", "train") else None
 
 
 def _evaluated_step_folder(results: dict[str, Any]) -> str | None:
@@ -113,34 +147,70 @@ def _evaluated_checkpoint(run: Run) -> Path | None:
     return _latest_checkpoint(run.train_dir)
 
 
-def keep_record(run: Run, root: Path) -> Path:
-    """Copy the small files ``parse_run`` reads of ``run`` into ``root/<row>_<seed>/`` (replacing it)."""
+_CONFIG_FILES = ("train_config.json", "metadata.json", "config.json", "normalization.json")
+
+
+def _copy_checkpoint_configs(ckpt: Path, train_record: Path) -> None:
+    dest = train_record / "checkpoints" / ckpt.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in _CONFIG_FILES:
+        if (ckpt / f).is_file():
+            shutil.copy2(ckpt / f, dest / f)
+
+
+def keep_record(run: Run, root: Path, kept_trains: dict[Path, Path] | None = None) -> Path:
+    """Copy the small files ``parse_run`` reads of ``run`` into ``root/<row>_<seed>/`` (replacing it).
+
+    A training folder is copied once: ``kept_trains`` maps each training folder already kept (by this
+    command) to its copy, and a run whose training folder is there, or is itself a kept record's, refers
+    to that copy instead; likewise an evaluation that is already a kept record's."""
+    kept_trains = {} if kept_trains is None else kept_trains
     dest = root / run.name.replace("/", "_")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "eval").mkdir(parents=True)
-    shutil.copy2(run.eval_dir / "results.json", tmp / "eval" / "results.json")
-    if (run.eval_dir / "initial_states.jsonl").is_file():
-        shutil.copy2(run.eval_dir / "initial_states.jsonl", tmp / "eval" / "initial_states.jsonl")
-    if run.episodes:  # per-step logs: the bulk of a record, so compressed (mtime 0: same bytes every time)
-        text = "".join(json.dumps(ep) + "\n" for ep in run.episodes).encode()
-        (tmp / "eval" / EPISODES_GZ).write_bytes(gzip.compress(text, mtime=0))
+    tmp.mkdir(parents=True)
+    info: dict[str, Any] = {"name": run.name, "eval_dir": str(run.eval_dir),
+                            "train_dir": None if run.train_dir is None else str(run.train_dir)}  # fmt: skip
+    shared_eval = _kept_folder(run.eval_dir)
+    if shared_eval is not None and shared_eval.resolve().parent != dest.resolve():
+        info["eval_record"] = _relative_posix(shared_eval, dest)
+    else:
+        (tmp / "eval").mkdir()
+        shutil.copy2(run.eval_dir / "results.json", tmp / "eval" / "results.json")
+        if (run.eval_dir / "initial_states.jsonl").is_file():
+            shutil.copy2(run.eval_dir / "initial_states.jsonl", tmp / "eval" / "initial_states.jsonl")
+        if run.episodes:  # per-step logs: the bulk of a record, so compressed (mtime 0: same bytes every time)
+            text = "".join(json.dumps(ep) + "\n" for ep in run.episodes).encode()
+            (tmp / "eval" / EPISODES_GZ).write_bytes(gzip.compress(text, mtime=0))
     ckpt = _evaluated_checkpoint(run)
     if run.train_dir is not None:
-        (tmp / "train").mkdir()
-        shutil.copy2(run.train_dir / "metrics.jsonl", tmp / "train" / "metrics.jsonl")
-        if ckpt is not None:
-            (tmp / "train" / "checkpoints" / ckpt.name).mkdir(parents=True)
-            (tmp / "train" / "checkpoints" / "latest").write_text(ckpt.name + "\n")
-            for f in ("train_config.json", "metadata.json", "config.json", "normalization.json"):
-                if (ckpt / f).is_file():
-                    shutil.copy2(ckpt / f, tmp / "train" / "checkpoints" / ckpt.name / f)
-    info = {"name": run.name, "eval_dir": str(run.eval_dir), "train_dir": None if run.train_dir is None else str(run.train_dir),
-            "checkpoint": None if ckpt is None else ckpt.name}  # fmt: skip
+        source = run.train_dir.resolve()
+        shared = kept_trains.get(source)
+        if shared is None and _kept_folder(run.train_dir) is not None and source.parent != dest.resolve():
+            shared = run.train_dir
+        if shared is not None and ckpt is not None and not (shared / "checkpoints" / ckpt.name).is_dir():
+            if source in kept_trains:  # kept by this command: it takes the configs of this row's checkpoint too
+                _copy_checkpoint_configs(ckpt, shared)
+            else:  # another record's copy lacks them: this row keeps its own
+                shared = None
+        if shared is not None:
+            info["train_record"] = _relative_posix(shared, dest)
+        else:
+            (tmp / "train").mkdir()
+            shutil.copy2(run.train_dir / "metrics.jsonl", tmp / "train" / "metrics.jsonl")
+            if ckpt is not None:
+                _copy_checkpoint_configs(ckpt, tmp / "train")
+                (tmp / "train" / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+            kept_trains[source] = dest / "train"
+    info["checkpoint"] = None if ckpt is None else ckpt.name
     (tmp / RECORD_FILE).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def _relative_posix(target: Path, record: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), record.resolve())).as_posix()
 
 
 def closed_loop_router_agreement(episodes: list[dict[str, Any]]) -> float | None:
@@ -457,8 +527,6 @@ def placement_table(runs: list[Run], groups: dict[str, list[Run]] | None, states
 
 
 def _rel(path: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(path.resolve(), start.resolve())
 
 
@@ -480,10 +548,13 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise ValueError(f"--run names must be unique, got {names}")
     if args.keep_records is not None:
+        kept_trains: dict[Path, Path] = {}
         for r in runs:
-            if r.eval_dir.parent.parent.resolve() == args.keep_records.resolve():
+            if r.record_dir is not None and r.record_dir.resolve().parent == args.keep_records.resolve():
+                if r.train_dir is not None:  # a later row of the same training run refers to this record's copy
+                    kept_trains.setdefault(r.train_dir.resolve(), r.train_dir)
                 continue  # already a record there
-            print(f"kept record of {r.name} in {keep_record(r, args.keep_records)}")
+            print(f"kept record of {r.name} in {keep_record(r, args.keep_records, kept_trains)}")
     figure = plot_training(runs, args.figures / f"{section_id(args.title)}.png")
     page_dir = args.append_results.parent if args.append_results else Path.cwd()
     md = render(runs, args.baseline, args.title, figure, page_dir)
