@@ -121,9 +121,9 @@ def _record_parts(name: str, record_dir: Path) -> tuple[Path, Path | None]:
     return eval_dir, train_dir
 
 
-def _kept_folder(path: Path) -> Path | None:
-    """``path`` itself if it is the ``eval/`` or ``train/`` folder of a kept record (else None)."""
-    return path if (path.parent / RECORD_FILE).is_file() and path.name in ("eval", "train") else None
+def _is_kept_folder(path: Path) -> bool:
+    """Whether ``path`` is the ``eval/`` or ``train/`` folder of a kept record."""
+    return path.name in ("eval", "train") and (path.parent / RECORD_FILE).is_file()
 
 
 def _evaluated_step_folder(results: dict[str, Any]) -> str | None:
@@ -171,9 +171,8 @@ def keep_record(run: Run, root: Path, kept_trains: dict[Path, Path] | None = Non
     tmp.mkdir(parents=True)
     info: dict[str, Any] = {"name": run.name, "eval_dir": str(run.eval_dir),
                             "train_dir": None if run.train_dir is None else str(run.train_dir)}  # fmt: skip
-    shared_eval = _kept_folder(run.eval_dir)
-    if shared_eval is not None and shared_eval.resolve().parent != dest.resolve():
-        info["eval_record"] = _relative_posix(shared_eval, dest)
+    if _is_kept_folder(run.eval_dir) and run.eval_dir.resolve().parent != dest.resolve():
+        info["eval_record"] = Path(_rel(run.eval_dir, dest)).as_posix()
     else:
         (tmp / "eval").mkdir()
         shutil.copy2(run.eval_dir / "results.json", tmp / "eval" / "results.json")
@@ -186,7 +185,7 @@ def keep_record(run: Run, root: Path, kept_trains: dict[Path, Path] | None = Non
     if run.train_dir is not None:
         source = run.train_dir.resolve()
         shared = kept_trains.get(source)
-        if shared is None and _kept_folder(run.train_dir) is not None and source.parent != dest.resolve():
+        if shared is None and _is_kept_folder(run.train_dir) and source.parent != dest.resolve():
             shared = run.train_dir
         if shared is not None and ckpt is not None and not (shared / "checkpoints" / ckpt.name).is_dir():
             if source in kept_trains:  # kept by this command: it takes the configs of this row's checkpoint too
@@ -194,7 +193,7 @@ def keep_record(run: Run, root: Path, kept_trains: dict[Path, Path] | None = Non
             else:  # another record's copy lacks them: this row keeps its own
                 shared = None
         if shared is not None:
-            info["train_record"] = _relative_posix(shared, dest)
+            info["train_record"] = Path(_rel(shared, dest)).as_posix()
         else:
             (tmp / "train").mkdir()
             shutil.copy2(run.train_dir / "metrics.jsonl", tmp / "train" / "metrics.jsonl")
@@ -207,10 +206,6 @@ def keep_record(run: Run, root: Path, kept_trains: dict[Path, Path] | None = Non
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
-
-
-def _relative_posix(target: Path, record: Path) -> str:
-    return Path(os.path.relpath(target.resolve(), record.resolve())).as_posix()
 
 
 def closed_loop_router_agreement(episodes: list[dict[str, Any]]) -> float | None:
