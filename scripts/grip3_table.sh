@@ -3,7 +3,7 @@
 #
 #   scripts/grip3_table.sh damvla 1        # ROW: damvla | cogact | damvla-nostate | damvla-armq | damvla-envstate |
 #                                          #      cogact-envstate | damvla-armq-envstate | damvla-cogdit-envstate |
-#                                          #      damvla-aug-envstate; SEED: 0, 1, 2
+#                                          #      damvla-aug-envstate | cogact-aug-envstate; SEED: 0, 1, 2
 #   scripts/grip3_table.sh --table         # only rewrite the table from the kept records
 #   VARIANT=release scripts/grip3_table.sh damvla 0   # the same rows on another data recipe (below)
 #   STEPS=18000 scripts/grip3_table.sh damvla 0       # the same rows trained longer (default 9000 steps)
@@ -87,12 +87,10 @@ table() {  # table [ROW SEED EVAL RUN]: every kept record, with ROW/sSEED from i
     done
     [ $# -eq 4 ] && runs+=(--run "$1/s$2=$3:$4")
     [ ${#runs[@]} -gt 0 ] || { echo "no records in $RECORDS yet" >&2; return 1; }
-    local baseline=()  # CogACT; where only its environment-state row was run, that one
-    if [[ " ${runs[*]}" == *" cogact/s"* ]]; then
-        baseline=(--baseline cogact)
-    elif [[ " ${runs[*]}" == *" cogact-envstate/s"* ]]; then
-        baseline=(--baseline cogact-envstate)
-    fi
+    local baseline=() b  # CogACT: its plain row, else its environment-state row, else that row with shifts
+    for b in cogact cogact-envstate cogact-aug-envstate; do
+        if [[ " ${runs[*]}" == *" $b/s"* ]]; then baseline=(--baseline "$b"); break; fi
+    done
     "$DAMVLA" compare "${runs[@]}" "${baseline[@]}" --title "$TITLE" \
         --append-results docs/results.md --figures docs/figures --keep-records "$RECORDS"
 }
@@ -101,7 +99,7 @@ if [ "${1:-}" = "--table" ]; then
     table
     exit
 fi
-ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate|damvla-armq-envstate|damvla-cogdit-envstate|damvla-aug-envstate"
+ROWS="damvla|cogact|damvla-nostate|damvla-armq|damvla-envstate|cogact-envstate|damvla-armq-envstate|damvla-cogdit-envstate|damvla-aug-envstate|cogact-aug-envstate"
 ROW=${1:?usage: $0 $ROWS SEED  (or --table)}
 SEED=${2:?usage: $0 $ROWS SEED}
 STATE=state_dim=4  # proprioception on (the cpu preset's measured choice); damvla-nostate: the paper's inputs
@@ -126,6 +124,9 @@ case $ROW in
         COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     # random image shifts (up to 6% of the side) through 3 cached views per frame: the frame and 2 shifted copies
     damvla-aug-envstate) ABLATION=(); EXTRA=(env_state_dim=39); TRAIN=(--aug-shift 0.06 --aug-views 3)
+        COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
+    # the single-head baseline trained the same way: against damvla-aug-envstate the rows differ in the heads alone
+    cogact-aug-envstate) ABLATION=(--ablation cogact); EXTRA=(env_state_dim=39); TRAIN=(--aug-shift 0.06 --aug-views 3)
         COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac
