@@ -86,6 +86,8 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     aug = run("damvla-aug-envstate", "0")  # training flags of its own, before the policy overrides
     assert "--threads 1 --aug-shift 0.06 --aug-views 3 state_dim=4 env_state_dim=39" in aug[0]
     assert "--aug" not in first[1] and "damvla-aug-envstate/s0=" in aug[-1]
+    cog_aug = run("cogact-aug-envstate", "0")  # CogACT trained the same way: the same flags, the single head
+    assert "--ablation cogact" in cog_aug[0] and "--aug-shift 0.06 --aug-views 3 state_dim=4 env_state_dim=39" in cog_aug[0]
     with pytest.raises(subprocess.CalledProcessError):
         run("octo", "0")
 
@@ -127,6 +129,11 @@ def test_each_piece_resumes_and_the_table_reads_every_record(tmp_path):
     assert single[0].startswith("train") and "--ablation cogact" in single[0]  # the data is there already
     assert single[0].endswith('env_state_dim=39 vision.extra_cameras=["corner4"]')
     assert "--baseline cogact-envstate" in single[-1] and "damvla-envstate/s1=" in single[-1]
+    # a longer recipe where only CogACT with shifts was run: that row is the baseline
+    env["STEPS"] = "12000"
+    shifted = run("cogact-aug-envstate", "1")
+    assert "--baseline cogact-aug-envstate" in shifted[-1] and "--keep-records docs/records/front2-s12000" in shifted[-1]
+    del env["STEPS"]
     env["THREADS"], env["WORKERS"] = "2", "2"
     threaded = run("cogact", "0")
     assert "--threads 2" in threaded[-3] and "--workers 2" in threaded[-2]
