@@ -105,28 +105,25 @@ SEED=${2:?usage: $0 $ROWS SEED}
 STATE=state_dim=4  # proprioception on (the cpu preset's measured choice); damvla-nostate: the paper's inputs
 EXTRA=()  # policy overrides of the row
 TRAIN=()  # training flags of the row
+ABLATION=()  # the row's first word names its heads: DAM-VLA's, or CogACT's single head
+[[ $ROW == cogact* ]] && ABLATION=(--ablation cogact)
 case $ROW in
-    damvla) ABLATION=() ;;
-    cogact) ABLATION=(--ablation cogact) ;;
-    damvla-nostate) ABLATION=(); STATE=state_dim=0 ;;
-    damvla-armq) ABLATION=(); EXTRA=(vision.arm_queries=4) ;;  # the arm head reads 4 patch queries of its own
+    damvla|cogact) ;;
+    damvla-nostate) STATE=state_dim=0 ;;
+    damvla-armq) EXTRA=(vision.arm_queries=4) ;;  # the arm head reads 4 patch queries of its own
     # f_cog also regresses Meta-World's object and goal state during training (env_state_dim, docs/method.md),
-    # from the same demonstrations collected with that column (data of their own)
-    damvla-envstate) ABLATION=(); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
-    # the single-head baseline with the same auxiliary target: the rows differ in the heads alone
-    cogact-envstate) ABLATION=(--ablation cogact); EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
+    # from the same demonstrations collected with that column (data of their own); with CogACT's head the rows
+    # differ in the heads alone
+    damvla-envstate|cogact-envstate) EXTRA=(env_state_dim=39); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     # the arm head with patch queries of its own besides the class tokens: with the environment-state target,
     # its data and its rows (docs/results.md, push far sideways)
-    damvla-armq-envstate) ABLATION=(); EXTRA=(env_state_dim=39 vision.arm_queries=4); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
+    damvla-armq-envstate) EXTRA=(env_state_dim=39 vision.arm_queries=4); COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     # both heads built as CogACT's: timestep and f_cog in one prefix token, DDIM without x0 clipping, so that
     # against cogact-envstate the rows differ in the heads, the router and the weights alone
-    damvla-cogdit-envstate) ABLATION=(); EXTRA=(env_state_dim=39 dit.condition=cogact diffusion.clip_sample=false)
+    damvla-cogdit-envstate) EXTRA=(env_state_dim=39 dit.condition=cogact diffusion.clip_sample=false)
         COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     # random image shifts (up to 6% of the side) through 3 cached views per frame: the frame and 2 shifted copies
-    damvla-aug-envstate) ABLATION=(); EXTRA=(env_state_dim=39); TRAIN=(--aug-shift 0.06 --aug-views 3)
-        COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
-    # the single-head baseline trained the same way: against damvla-aug-envstate the rows differ in the heads alone
-    cogact-aug-envstate) ABLATION=(--ablation cogact); EXTRA=(env_state_dim=39); TRAIN=(--aug-shift 0.06 --aug-views 3)
+    damvla-aug-envstate|cogact-aug-envstate) EXTRA=(env_state_dim=39); TRAIN=(--aug-shift 0.06 --aug-views 3)
         COLLECT+=(--environment-state); DATA=${DATA}_envstate ;;
     *) echo "ROW must be one of $ROWS, got '$ROW'" >&2; exit 2 ;;
 esac

@@ -172,7 +172,7 @@ def keep_record(run: Run, root: Path, kept_trains: dict[Path, Path] | None = Non
     info: dict[str, Any] = {"name": run.name, "eval_dir": str(run.eval_dir),
                             "train_dir": None if run.train_dir is None else str(run.train_dir)}  # fmt: skip
     if _is_kept_folder(run.eval_dir) and run.eval_dir.resolve().parent != dest.resolve():
-        info["eval_record"] = Path(_rel(run.eval_dir, dest)).as_posix()
+        info["eval_record"] = _rel(run.eval_dir, dest)
     else:
         (tmp / "eval").mkdir()
         shutil.copy2(run.eval_dir / "results.json", tmp / "eval" / "results.json")
@@ -193,7 +193,7 @@ def keep_record(run: Run, root: Path, kept_trains: dict[Path, Path] | None = Non
             else:  # another record's copy lacks them: this row keeps its own
                 shared = None
         if shared is not None:
-            info["train_record"] = Path(_rel(shared, dest)).as_posix()
+            info["train_record"] = _rel(shared, dest)
         else:
             (tmp / "train").mkdir()
             shutil.copy2(run.train_dir / "metrics.jsonl", tmp / "train" / "metrics.jsonl")
@@ -522,7 +522,8 @@ def placement_table(runs: list[Run], groups: dict[str, list[Run]] | None, states
 
 
 def _rel(path: Path, start: Path) -> str:
-    return os.path.relpath(path.resolve(), start.resolve())
+    """``path`` relative to ``start`` with forward slashes: a markdown link or a record key on any OS."""
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
